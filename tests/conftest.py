@@ -1,0 +1,53 @@
+"""Tiny randomly initialised models built from transformers config classes (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma")
+
+
+def tiny_config(family: str = "llama", layers: int = 4, hidden: int = 32, vocab: int = 99, **overrides):
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig,
+           "phi3": Phi3Config, "gemma": GemmaConfig}[family]
+    kwargs = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw), dtype=torch.float32)
+    # Random init gives near-identical norms; perturb them so "per-depth norms stay
+    # separate" is a property the tests can actually observe.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real default model (SmolLM2-135M-Instruct, dequantized), loaded once per session."""
+    from compress.load import load_model
+
+    return load_model("default")
