@@ -40,6 +40,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.registry import ExportConfig, check_paths, get_backend
+
+    backend = get_backend(args.backend)
+    cfg = ExportConfig(precision=args.precision, max_context=args.max_context, embedding_bits=args.embedding_bits,
+                       parity=not args.no_parity)
+    check_paths(args.model_dir, args.out)
+    report = backend.export(args.model_dir, args.out, cfg)
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from export.registry import get_backend
+
+    backend = get_backend(args.backend)
+    backend.generate(args.artifact, args.prompt, args.max_new_tokens,
+                     on_token=lambda text: print(text, end="", flush=True))
+    print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foldgpt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: as stored; GGUF: float32)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="export a folded or dense model directory to a runtime format")
+    p.add_argument("backend", help="onnx or executorch")
+    p.add_argument("model_dir")
+    p.add_argument("--out", required=True, help="output directory (onnx) or .pte file (executorch)")
+    p.add_argument("--precision", default="fp32", help="fp32, int8, int4 (onnx) or 8da4w (executorch)")
+    p.add_argument("--max-context", type=int, default=512, help="KV-cache length for static-cache backends")
+    p.add_argument("--embedding-bits", type=int, default=None, help="quantize the tied embedding to 4 or 8 bits")
+    p.add_argument("--no-parity", action="store_true", help="skip the parity gate (not recommended)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="stream tokens from an exported model with its KV cache")
+    p.add_argument("artifact", help="exported model (onnx directory or .pte file)")
+    p.add_argument("--backend", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("run", help="the main job on a model (default: the embedded SmolLM2-135M)")
     p.add_argument("--model", default="default")

@@ -1,0 +1,219 @@
+"""Calibration and healing text, packed into fixed-length token sequences.
+
+Sources: a local .txt / .jsonl / .parquet file, a Hugging Face dataset name (when a
+hub is reachable), or `self`: text the dense model generates from varied seed prompts.
+`self` is the offline default; it is what the model already believes, so calibrating
+and healing on it asks the folded model to match the dense one rather than to learn
+a new distribution. Generated text is cached on disk, keyed by everything that shapes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+SELF = "self"
+
+TOPICS = [
+    "photosynthesis", "the French Revolution", "black holes", "how vaccines work", "the water cycle",
+    "plate tectonics", "the history of the printing press", "machine learning", "the Roman Empire",
+    "volcanoes", "honeybees", "the stock market", "climate change", "the human heart", "electricity",
+    "the Moon landing", "ancient Egypt", "coral reefs", "the immune system", "renewable energy",
+    "the theory of evolution", "the Industrial Revolution", "DNA", "the solar system", "rainforests",
+    "the Great Wall of China", "earthquakes", "bread baking", "chess", "the Olympic Games",
+    "gravity", "the internet", "music theory", "the Renaissance", "deserts", "sleep",
+    "friendship", "a rainy day in a small town", "a lost dog finding its way home", "learning to ride a bike",
+    "a dragon who is afraid of heights", "the first day at a new school", "a robot that learns to paint",
+    "saving money", "healthy breakfast ideas", "how to plant tomatoes", "writing a good essay",
+    "the causes of World War I", "the periodic table", "magnets", "the ocean tides", "clouds",
+    "fractions", "the Pythagorean theorem", "prime numbers", "simple machines", "the five senses",
+    "recycling", "the life cycle of a butterfly", "sound waves", "light and color",
+]
+STYLES = [
+    "Explain {t} to a curious student.", "Write a short encyclopedia paragraph about {t}.",
+    "Tell a short story about {t}.", "What are the most important facts about {t}?",
+    "Describe {t} in simple words.", "Write a question and its answer about {t}.",
+    "Give three interesting points about {t}, with a sentence on each.", "Why does {t} matter?",
+]
+
+
+@dataclass
+class DataConfig:
+    source: str = SELF  # 'self', a .txt/.jsonl/.parquet path, or a dataset name
+    seq_len: int = 256
+    num_sequences: int = 128
+    seed: int = 0
+    text_field: str = "text"  # column of .jsonl/.parquet/dataset rows
+    split: str = "train"  # dataset split
+    cache_dir: str | None = None  # where `self` text is cached; default ~/.cache/foldgpt
+    gen_max_new_tokens: int = 256
+    gen_batch_size: int = 16
+    gen_temperature: float = 0.8
+
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+        if self.num_sequences < 1:
+            raise ValueError(f"num_sequences must be at least 1, got {self.num_sequences}")
+        if self.gen_max_new_tokens < 1 or self.gen_batch_size < 1:
+            raise ValueError("gen_max_new_tokens and gen_batch_size must be positive")
+        local = Path(self.source).suffix in (".txt", ".jsonl", ".json", ".parquet")
+        if local and not Path(self.source).is_file():
+            raise FileNotFoundError(f"{self.source}: no such data file")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.seq_len * self.num_sequences
+
+
+def load_texts(cfg: DataConfig, model: nn.Module | None = None, tokenizer=None) -> list[str]:
+    """Raw documents from the configured source."""
+    if cfg.source == SELF:
+        if model is None or tokenizer is None:
+            raise ValueError("data source 'self' needs the dense model and its tokenizer")
+        return self_generated(cfg, model, tokenizer)
+    path = Path(cfg.source)
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8")
+        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    elif path.suffix in (".jsonl", ".json"):
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        docs = [_field(r, cfg.text_field, path) for r in rows]
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if cfg.text_field not in table.column_names:
+            raise ValueError(f"{path}: no column {cfg.text_field!r} (columns: {table.column_names})")
+        docs = [str(x) for x in table.column(cfg.text_field).to_pylist()]
+    else:
+        docs = _hub_dataset(cfg)
+    docs = [d for d in docs if d and d.strip()]
+    if not docs:
+        raise ValueError(f"{cfg.source}: no text found")
+    return docs
+
+
+def _field(row: dict, name: str, path: Path) -> str:
+    if name not in row:
+        raise ValueError(f"{path}: rows have no field {name!r} (fields: {sorted(row)})")
+    return str(row[name])
+
+
+def _hub_dataset(cfg: DataConfig) -> list[str]:
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(cfg.source, split=cfg.split)
+    except Exception as e:  # no hub here, unknown name, ...: one line for the user
+        raise FileNotFoundError(
+            f"{cfg.source}: not a local .txt/.jsonl/.parquet file, and the dataset could not be loaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+        ) from None
+    if cfg.text_field not in ds.column_names:
+        raise ValueError(f"{cfg.source}: no column {cfg.text_field!r} (columns: {ds.column_names})")
+    return [str(x) for x in ds[cfg.text_field]]
+
+
+def pack(docs: list[str], tokenizer, seq_len: int, num_sequences: int, seed: int = 0) -> torch.Tensor:
+    """Tokenize, join documents with EOS, cut into `seq_len` windows, pick
+    `num_sequences` of them in a seeded order. Returns LongTensor (num_sequences, seq_len).
+
+    Raises ValueError when the text is too short for even one window.
+    """
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+    n_windows = len(ids) // seq_len
+    if n_windows < 1:
+        raise ValueError(f"data too short: {len(ids)} tokens, need at least seq_len={seq_len}")
+    windows = torch.tensor(ids[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)
+    order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))
+    if n_windows < num_sequences:  # reuse windows rather than fail: say how much is unique
+        order = order.repeat((num_sequences + n_windows - 1) // n_windows)
+    return windows[order[:num_sequences]]
+
+
+def build_sequences(cfg: DataConfig, model: nn.Module | None = None, tokenizer=None) -> torch.Tensor:
+    """The stage function: config -> packed token sequences (num_sequences, seq_len)."""
+    return pack(load_texts(cfg, model, tokenizer), tokenizer, cfg.seq_len, cfg.num_sequences, cfg.seed)
+
+
+def seed_prompts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    combos = [s.format(t=t) for t in TOPICS for s in STYLES]
+    rng.shuffle(combos)
+    return [combos[i % len(combos)] for i in range(n)]
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    """Identifies the weights cheaply: shapes plus a few sampled values."""
+    h = hashlib.sha256()
+    params = list(model.named_parameters())
+    for name, p in params[:: max(1, len(params) // 8)]:
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().flatten()[:64].float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def self_generated(cfg: DataConfig, model: nn.Module, tokenizer) -> list[str]:
+    """Documents sampled from the dense model itself, cached by (model, settings)."""
+    key = dict(model=_model_fingerprint(model), tokens=cfg.num_tokens, seed=cfg.seed,
+               max_new=cfg.gen_max_new_tokens, temperature=cfg.gen_temperature, v=1)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(cfg.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "foldgpt") / "self-text"
+    file = cache / f"{digest}.jsonl"
+    if file.is_file():
+        return [json.loads(line)["text"] for line in file.read_text().splitlines()]
+
+    docs, n_tokens, batch_idx = [], 0, 0
+    target = int(cfg.num_tokens * 1.1)  # packing loses a partial window per document boundary
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bar = tqdm(total=target, desc="generating self text", unit="tok")
+    try:
+        while n_tokens < target:
+            prompts = seed_prompts(cfg.gen_batch_size * (batch_idx + 1), cfg.seed)[-cfg.gen_batch_size:]
+            texts = [_render(tokenizer, p) for p in prompts]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            torch.manual_seed(cfg.seed + batch_idx)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=cfg.gen_max_new_tokens, do_sample=True,
+                                     temperature=cfg.gen_temperature, top_p=0.95, pad_token_id=pad)
+            new = out[:, enc["input_ids"].shape[1]:]
+            for row in new:
+                text = tokenizer.decode(row, skip_special_tokens=True).strip()
+                if text:
+                    docs.append(text)
+                    got = int((row != pad).sum())
+                    n_tokens += got
+                    bar.update(got)
+            batch_idx += 1
+    finally:
+        tokenizer.padding_side = padding_side
+        bar.close()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    os.replace(tmp, file)
+    (cache / f"{digest}.json").write_text(json.dumps({**key, "config": asdict(cfg)}, indent=1))
+    return docs
+
+
+def _render(tokenizer, prompt: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt + "\n"

@@ -1,0 +1,200 @@
+"""FoldGPT steps 2-3: remove the blocks the gates closed, then let groups of adjacent
+retained blocks share one set of large weights.
+
+Which weights a group shares is chosen by a measured criterion: for every candidate
+(each member's own weights, and their mean) we install it in the whole group, keeping
+every depth's own norms, and score KL(current || candidate) on the model's next-token
+distributions over calibration batches. The candidate with the lowest KL wins.
+With a target number of unique blocks instead of a fixed group size, the same score
+decides *which* adjacent blocks to merge: start from singletons and repeatedly merge
+the adjacent pair of groups whose best candidate costs least.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from compress.adapter import get_adapter
+from compress.blocks import count_parameters, fold_info, remove_blocks, share_blocks
+from compress.importance import GateConfig, GateResult, learn_gates
+
+MEAN = "mean"
+
+
+@dataclass
+class FoldConfig:
+    removal_rate: float = 0.2  # fraction of decoder blocks removed (rounded to whole blocks)
+    group_size: int | None = 2  # adjacent retained blocks per shared group ...
+    num_unique_blocks: int | None = None  # ... or the number of unique blocks to keep
+    max_group_size: int = 4  # cap on a merged group when num_unique_blocks decides
+    merge_candidates: bool = True  # also try the members' mean as the shared weights
+    score_batches: int = 2  # calibration batches per candidate score
+    score_batch_size: int = 4
+    gate: GateConfig | None = None  # defaults derived from removal_rate
+
+    def __post_init__(self):
+        if not 0 <= self.removal_rate < 1:
+            raise ValueError(f"removal_rate must be in [0, 1), got {self.removal_rate}")
+        if self.group_size is not None and self.num_unique_blocks is not None:
+            raise ValueError("give group_size or num_unique_blocks, not both")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.num_unique_blocks is not None and self.num_unique_blocks < 1:
+            raise ValueError(f"num_unique_blocks must be >= 1, got {self.num_unique_blocks}")
+
+    def num_remove(self, num_layers: int) -> int:
+        return round(self.removal_rate * num_layers)
+
+    def check(self, num_layers: int) -> None:
+        """Everything that can be rejected before heavy work, given the model's depth."""
+        n_remove = self.num_remove(num_layers)
+        kept = num_layers - n_remove
+        if kept < 1:
+            raise ValueError(f"removal_rate {self.removal_rate} removes all {num_layers} blocks")
+        if self.group_size is not None and self.group_size > kept:
+            raise ValueError(f"group_size {self.group_size} is larger than the {kept} retained blocks")
+        if self.num_unique_blocks is not None:
+            if self.num_unique_blocks > kept:
+                raise ValueError(f"num_unique_blocks {self.num_unique_blocks} exceeds the {kept} retained blocks")
+            if self.num_unique_blocks * self.max_group_size < kept:
+                raise ValueError(
+                    f"{kept} retained blocks cannot fit in {self.num_unique_blocks} groups of at most "
+                    f"{self.max_group_size} (raise max_group_size)"
+                )
+
+
+@dataclass
+class FoldReport:
+    gates: GateResult | None
+    removed: list[int]  # source-model depths removed so far
+    schedule: list[int]
+    sources: dict[int, str]  # block -> "depth d" or "mean", after removal numbering
+    share_scores: dict[str, float] = field(default_factory=dict)  # "depths:candidate" -> KL
+    params: dict = field(default_factory=dict)
+
+
+def fold(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> tuple[nn.Module, FoldReport]:
+    """Remove gated-off blocks and share the rest in groups; edits `model` in place."""
+    layers = get_adapter(model).get_layers(model)
+    cfg.check(len(layers))
+    before = count_parameters(model)
+    n_remove = cfg.num_remove(len(layers))
+    gates = None
+    if n_remove:
+        gate_cfg = replace(cfg.gate, num_remove=n_remove) if cfg.gate else GateConfig(num_remove=n_remove)
+        gates = learn_gates(model, calib, gate_cfg)
+        remove_blocks(model, gates.closed)
+    removed = list(fold_info(model)["provenance"]["removed_blocks"])
+    groups = plan_groups(model, calib, cfg)
+    schedule = [b for b, g in enumerate(groups) for _ in g]
+    scores: dict[str, float] = {}
+    sources: dict[int, str] = {}
+    for b, depths in enumerate(tqdm(groups, desc="choosing shared weights")):
+        if len(depths) == 1:
+            sources[b] = f"depth {depths[0]}"
+            continue
+        best, table = best_candidate(model, calib, depths, cfg)
+        scores.update({f"{depths}:{k}": v for k, v in table.items()})
+        _install(model, depths, best)
+        sources[b] = best if best == MEAN else f"depth {best}"
+    share_blocks(model, schedule)
+    after = count_parameters(model)
+    params = {
+        "source_effective": before.effective, "source_unique": before.unique,
+        "effective": after.effective, "unique": after.unique,
+        "removed_blocks": n_remove, "removed_fraction_blocks": n_remove / len(layers),
+        "unique_reduction": 1 - after.unique / before.unique,
+        "effective_reduction": 1 - after.effective / before.effective,
+    }
+    return model, FoldReport(gates, removed, schedule, sources, scores, params)
+
+
+def plan_groups(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> list[list[int]]:
+    """Partition depths 0..n-1 into runs of adjacent depths."""
+    n = len(get_adapter(model).get_layers(model))
+    if cfg.num_unique_blocks is None:
+        size = cfg.group_size or 1
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+    groups = [[d] for d in range(n)]
+    cost: dict[tuple[int, ...], float] = {}
+    with tqdm(total=n - cfg.num_unique_blocks, desc="planning shared groups") as bar:
+        while len(groups) > cfg.num_unique_blocks:
+            options = []
+            for i in range(len(groups) - 1):
+                merged = tuple(groups[i] + groups[i + 1])
+                if len(merged) > cfg.max_group_size:
+                    continue
+                if merged not in cost:
+                    cost[merged] = min(best_candidate(model, calib, list(merged), cfg)[1].values())
+                options.append((cost[merged], i))
+            _, i = min(options)
+            groups[i : i + 2] = [groups[i] + groups[i + 1]]
+            bar.update(1)
+    return groups
+
+
+def best_candidate(model: nn.Module, calib: torch.Tensor, depths: list[int], cfg: FoldConfig) -> tuple[int | str, dict]:
+    """Score each candidate set of shared weights for `depths`; returns (best, {candidate: KL})."""
+    candidates: list[int | str] = list(depths) + ([MEAN] if cfg.merge_candidates else [])
+    batches = _score_batches(calib, cfg)
+    with torch.no_grad():
+        reference = [F.log_softmax(model(b).logits.float(), -1) for b in batches]
+        table = {}
+        for cand in candidates:
+            with _swapped(model, depths, cand):
+                kl = sum(
+                    F.kl_div(F.log_softmax(model(b).logits.float(), -1).flatten(0, 1), ref.flatten(0, 1),
+                             log_target=True, reduction="batchmean").item()
+                    for b, ref in zip(batches, reference)
+                ) / len(batches)
+            table[str(cand)] = kl
+    best = min(table, key=table.get)
+    return (int(best) if best != MEAN else MEAN), table
+
+
+def _score_batches(calib: torch.Tensor, cfg: FoldConfig) -> list[torch.Tensor]:
+    n = min(len(calib), cfg.score_batches * cfg.score_batch_size)
+    return [calib[i : i + cfg.score_batch_size] for i in range(0, n, cfg.score_batch_size)]
+
+
+def _candidate_tensors(model: nn.Module, depths: list[int], cand: int | str) -> dict[str, torch.Tensor]:
+    adapter = get_adapter(model)
+    layers = adapter.get_layers(model)
+    names = adapter.shared_param_names(layers[depths[0]])
+    if cand == MEAN:
+        return {n: torch.stack([layers[d].get_parameter(n).detach() for d in depths]).mean(0) for n in names}
+    return {n: layers[cand].get_parameter(n).detach().clone() for n in names}
+
+
+class _swapped:
+    """Temporarily give every depth in `depths` the candidate's large weights."""
+
+    def __init__(self, model, depths, cand):
+        self.layers = get_adapter(model).get_layers(model)
+        self.depths = depths
+        self.new = _candidate_tensors(model, depths, cand)
+        self.saved = {}
+
+    def __enter__(self):
+        for d in self.depths:
+            for n, t in self.new.items():
+                p = self.layers[d].get_parameter(n)
+                self.saved[(d, n)] = p.data
+                p.data = t
+
+    def __exit__(self, *exc):
+        for (d, n), data in self.saved.items():
+            self.layers[d].get_parameter(n).data = data
+
+
+def _install(model: nn.Module, depths: list[int], cand: int | str) -> None:
+    """Write the chosen weights into the group's first depth (which `share_blocks` then shares)."""
+    layers = get_adapter(model).get_layers(model)
+    with torch.no_grad():
+        for n, t in _candidate_tensors(model, depths, cand).items():
+            layers[depths[0]].get_parameter(n).copy_(t)

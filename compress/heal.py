@@ -1,0 +1,296 @@
+"""FoldGPT step 4, the cure: a short fine-tune of the shared block weights and the
+per-depth norms, with loss
+
+    cross-entropy(next token) + distill_weight * tail-layer distillation from the dense model
+
+where the tail distillation matches the final hidden state (MSE), the logits
+(KL at a temperature), or both. Norm weights get their own, larger learning rate:
+they are the only per-depth knobs a shared block has ("layernorm re-adaptation").
+
+Runs on accelerate, so `accelerate launch` with an FSDP config scales the same loop to
+several GPUs; here it runs on the CPU. The budget is steps, tokens and/or minutes
+(whichever ends first). Checkpoints are accelerate states plus a JSON of progress,
+written atomically; `resume=True` continues from the last one, skipping the batches
+already seen, so an interrupted cure loses at most `checkpoint_every` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from compress.adapter import get_adapter
+from compress.blocks import schedule_of, share_blocks
+
+
+class Distill(str, Enum):
+    HIDDEN = "hidden"
+    LOGITS = "logits"
+    BOTH = "both"
+
+
+@dataclass
+class HealConfig:
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_minutes: float | None = None
+    batch_size: int = 4
+    lr: float = 1e-4
+    norm_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    distill: Distill = Distill.HIDDEN
+    distill_weight: float = 1.0
+    temperature: float = 2.0  # for logit distillation
+    lora_rank: int = 0  # 0: full fine-tune of the blocks; >0: LoRA on each shared Linear
+    lora_alpha: float = 16.0
+    checkpoint_every: int = 25
+    seed: int = 0
+
+    def __post_init__(self):
+        self.distill = Distill(self.distill)
+        budgets = {"max_steps": self.max_steps, "max_tokens": self.max_tokens, "max_minutes": self.max_minutes}
+        if all(v is None for v in budgets.values()):
+            raise ValueError("the cure needs a budget: max_steps, max_tokens or max_minutes")
+        for name, v in budgets.items():
+            if v is not None and v <= 0:
+                raise ValueError(f"{name} must be positive, got {v}")
+        if self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError("batch_size and checkpoint_every must be positive")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+
+
+@dataclass
+class HealState:
+    step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    losses: list[dict] = field(default_factory=list)
+
+
+def heal(model: nn.Module, teacher: nn.Module, data: torch.Tensor, cfg: HealConfig, work_dir: str | os.PathLike,
+         resume: bool = False) -> tuple[nn.Module, HealState]:
+    """Fine-tune `model` (folded) towards `teacher` (dense) on `data` (LongTensor [n, seq]).
+
+    Returns the healed model (sharing intact, LoRA merged) and the final progress state.
+    Raises ValueError for empty data or a teacher whose vocabulary differs.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if data.ndim != 2 or len(data) == 0:
+        raise ValueError(f"healing data must be a non-empty (n, seq) tensor, got shape {tuple(data.shape)}")
+    if teacher.config.vocab_size != model.config.vocab_size:
+        raise ValueError("teacher and student vocabularies differ")
+    work = Path(work_dir)
+    ckpt = work / "checkpoint"
+    set_seed(cfg.seed)
+    schedule = schedule_of(model)
+    lora = _add_lora(model, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank else []
+    groups = _param_groups(model, cfg, lora)
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    for g in optimizer.param_groups:
+        g["base_lr"] = g["lr"]
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    teacher = teacher.to(accelerator.device).eval()
+    state = HealState()
+    if resume and (ckpt / "progress.json").is_file():
+        accelerator.load_state(str(ckpt))
+        state = HealState(**json.loads((ckpt / "progress.json").read_text()))
+    elif resume:
+        print(f"no checkpoint under {ckpt}; starting the cure from step 0")
+
+    model.train()
+    tokens_per_step = cfg.batch_size * data.shape[1]
+    bar = tqdm(total=_estimate_total(cfg, state, tokens_per_step), initial=state.step, desc="cure", unit="step")
+    start = time.monotonic() - state.seconds
+    try:
+        while not _done(cfg, state):
+            batch = _batch(data, state.step, cfg, accelerator).to(accelerator.device)
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * _lr_scale(cfg, state)
+            terms = _step(model, teacher, batch, cfg)
+            accelerator.backward(terms["loss"])
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad()
+            state.step += 1
+            state.tokens += tokens_per_step * accelerator.num_processes
+            state.seconds = time.monotonic() - start
+            state.losses.append({k: round(v.item(), 5) for k, v in terms.items()} | {"step": state.step})
+            bar.total = _estimate_total(cfg, state, tokens_per_step)
+            bar.set_postfix(loss=f"{terms['loss'].item():.3f}", ce=f"{terms['ce'].item():.3f}")
+            bar.update(1)
+            if state.step % cfg.checkpoint_every == 0 or _done(cfg, state):
+                _save_checkpoint(accelerator, ckpt, state)
+    finally:
+        bar.close()
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    if lora:
+        _merge_lora(model, lora)
+    share_blocks(model, schedule)  # re-assert sharing; a no-op unless something untied it
+    return model, state
+
+
+def _step(model, teacher, batch, cfg: HealConfig) -> dict[str, torch.Tensor]:
+    hidden = cfg.distill in (Distill.HIDDEN, Distill.BOTH)
+    out = model(input_ids=batch, labels=batch, output_hidden_states=hidden)
+    with torch.no_grad():
+        ref = teacher(input_ids=batch, output_hidden_states=hidden)
+    terms = {"ce": out.loss}
+    distill = torch.zeros((), device=batch.device)
+    if hidden:
+        terms["hidden_mse"] = F.mse_loss(out.hidden_states[-1], ref.hidden_states[-1])
+        distill = distill + terms["hidden_mse"]
+    if cfg.distill in (Distill.LOGITS, Distill.BOTH):
+        t = cfg.temperature
+        terms["logit_kl"] = F.kl_div(F.log_softmax(out.logits.float() / t, -1).flatten(0, 1),
+                                     F.log_softmax(ref.logits.float() / t, -1).flatten(0, 1),
+                                     log_target=True, reduction="batchmean") * t * t
+        distill = distill + terms["logit_kl"]
+    terms["loss"] = terms["ce"] + cfg.distill_weight * distill
+    return terms
+
+
+def _batch(data: torch.Tensor, step: int, cfg: HealConfig, accelerator) -> torch.Tensor:
+    """Global batch `step` of a seeded per-epoch permutation, this process's shard of it.
+    A pure function of the step, so a resumed cure sees exactly the batches it would have."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = cfg.batch_size * world
+    per_epoch = max(1, len(data) // per_step)
+    epoch, i = divmod(step, per_epoch)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+    idx = order[(i * per_step + rank * cfg.batch_size) % len(data):][: cfg.batch_size]
+    if len(idx) < cfg.batch_size:  # fewer sequences than a batch: wrap around
+        idx = order.repeat(cfg.batch_size)[: cfg.batch_size]
+    return data[idx]
+
+
+def _progress(cfg: HealConfig, s: HealState) -> float:
+    """Fraction of the budget used: the largest over the budgets that are set."""
+    used = []
+    if cfg.max_steps is not None:
+        used.append(s.step / cfg.max_steps)
+    if cfg.max_tokens is not None:
+        used.append(s.tokens / cfg.max_tokens)
+    if cfg.max_minutes is not None:
+        used.append(s.seconds / (cfg.max_minutes * 60))
+    return min(1.0, max(used))
+
+
+def _lr_scale(cfg: HealConfig, s: HealState) -> float:
+    """Linear warm-up, then cosine decay over the budget (whichever budget ends first)."""
+    warm = min(1.0, (s.step + 1) / max(1, cfg.warmup_steps))
+    return warm * 0.5 * (1 + math.cos(math.pi * _progress(cfg, s)))
+
+
+def _done(cfg: HealConfig, s: HealState) -> bool:
+    return _progress(cfg, s) >= 1.0
+
+
+def _estimate_total(cfg: HealConfig, s: HealState, tokens_per_step: int) -> int:
+    """Steps until the first budget runs out, for the progress bar's ETA."""
+    limits = []
+    if cfg.max_steps is not None:
+        limits.append(cfg.max_steps)
+    if cfg.max_tokens is not None:
+        limits.append(math.ceil(cfg.max_tokens / tokens_per_step))
+    if cfg.max_minutes is not None and s.step and s.seconds:
+        limits.append(int(s.step * cfg.max_minutes * 60 / s.seconds))
+    return max(min(limits), s.step) if limits else s.step + 1
+
+
+def _save_checkpoint(accelerator, ckpt: Path, state: HealState) -> None:
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # torch.save keeps shared storages shared; safetensors would refuse the tied weights
+    accelerator.save_state(str(tmp), safe_serialization=False)
+    (tmp / "progress.json").write_text(json.dumps(asdict(state)))
+    old = ckpt.with_name(ckpt.name + ".old")
+    if ckpt.exists():
+        os.replace(ckpt, old)
+    os.replace(tmp, ckpt)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _param_groups(model: nn.Module, cfg: HealConfig, lora: list[nn.Module]) -> list[dict]:
+    """Trainable: every decoder block (shared weights + per-depth norms) and the final
+    norm; LoRA factors instead of the block weights when lora_rank > 0. The tied
+    embedding/head stays frozen: it is a fifth of the model and shared with the dense teacher's vocabulary."""
+    adapter = get_adapter(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    norms, weights, seen = [], [], set()
+    for layer in adapter.get_layers(model):
+        for name in adapter.per_depth_param_names(layer):
+            norms.append(layer.get_parameter(name))
+        if not lora:
+            for name in adapter.shared_param_names(layer):
+                p = layer.get_parameter(name)
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    weights.append(p)
+    norms += list(adapter.get_final_norm(model).parameters())
+    weights += [p for m in lora for p in m.parameters()]
+    for p in norms + weights:
+        p.requires_grad_(True)
+    return [{"params": weights, "lr": cfg.lr}, {"params": norms, "lr": cfg.norm_lr, "weight_decay": 0.0}]
+
+
+class LoRA(nn.Module):
+    """W + (alpha / r) * B @ A as a parametrization; one instance per unique weight, so
+    every depth that shares W also shares its low-rank update."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        self.scale = alpha / rank
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.scale * (self.B @ self.A).to(weight.dtype)
+
+
+def _add_lora(model: nn.Module, rank: int, alpha: float) -> list[LoRA]:
+    adapter = get_adapter(model)
+    by_weight: dict[int, LoRA] = {}
+    for layer in adapter.get_layers(model):
+        for mod in layer.modules():
+            if isinstance(mod, nn.Linear):
+                w = mod.weight
+                if id(w) not in by_weight:
+                    by_weight[id(w)] = LoRA(w.shape[0], w.shape[1], rank, alpha).to(w.device)
+                parametrize.register_parametrization(mod, "weight", by_weight[id(w)])
+    return list(by_weight.values())
+
+
+def _merge_lora(model: nn.Module, lora: list[LoRA]) -> None:
+    """Fold each LoRA update into its shared weight exactly once, then drop the parametrizations."""
+    adapter = get_adapter(model)
+    merged: set[int] = set()
+    with torch.no_grad():
+        for layer in adapter.get_layers(model):
+            for mod in layer.modules():
+                if isinstance(mod, nn.Linear) and parametrize.is_parametrized(mod, "weight"):
+                    original = mod.parametrizations.weight.original
+                    if id(original) not in merged:
+                        merged.add(id(original))
+                        original.copy_(mod.weight)
+                    parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)

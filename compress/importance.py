@@ -1,0 +1,192 @@
+"""Block importance by learnable gates (FoldGPT, arXiv 2407.00928, step 1).
+
+Each decoder block i gets a gate g_i = sigmoid(s_i) that scales its residual update,
+    h_out = h + g_i * (block(h) - h),
+and all gates are trained *jointly* with the block weights frozen, so a block's score
+reflects what the others already do (ShortGPT-style per-block scores cannot see that
+two adjacent blocks may be redundant only together). The loss is
+
+    KL(dense || gated) on next-token distributions   (+ optional final-hidden MSE)
+  + polarization * mean(4 g (1 - g))                  drives every gate to 0 or 1
+
+under the budget constraint sum_i w_i g_i = K, with K the cost of the blocks kept and
+w_i a block's share of cost (1 per block, or its parameters / mean block parameters).
+The constraint is held exactly, not penalised: after every optimizer step all gate
+logits are shifted by one common constant (found by bisection) so the open mass is K.
+A penalty lets Adam move every gate in lock-step (its per-parameter normalisation
+erases the differences between gradients that are mostly the shared penalty), while
+the shift leaves only the distillation and polarization terms to rank the blocks.
+Gates are g_i = sigmoid(s_i / T) with the temperature T annealed geometrically
+(1 -> 0.05): early on every gate is soft and the distillation gradient orders the
+logits; as T falls, the shift makes the top-K gates approach 1 and the rest 0. The
+polarization term ramps in over the first half of training and pushes the same way.
+The closed set is the `num_remove` lowest gates, so exactly that many close even if
+training stopped early; `separated` says whether the gates themselves agree (every
+closed gate below 0.5 and every open one above).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from compress.adapter import get_adapter
+
+
+class BudgetUnit(str, Enum):
+    BLOCKS = "blocks"
+    PARAMS = "params"
+
+
+@dataclass
+class GateConfig:
+    num_remove: int
+    steps: int = 60
+    lr: float = 0.1
+    batch_size: int = 4
+    polarization: float = 1.0
+    budget_unit: BudgetUnit = BudgetUnit.BLOCKS
+    hidden_mse: float = 0.0  # weight of the final-hidden-state MSE term
+    temperature: tuple[float, float] = (1.0, 0.05)  # g = sigmoid(s / T), T annealed geometrically
+    seed: int = 0
+
+    def __post_init__(self):
+        self.budget_unit = BudgetUnit(self.budget_unit)
+        if self.num_remove < 0:
+            raise ValueError(f"num_remove must be >= 0, got {self.num_remove}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be positive (got {self.steps}, {self.batch_size})")
+
+
+@dataclass
+class GateResult:
+    gates: list[float]  # final g_i per block
+    closed: list[int]  # exactly num_remove blocks, lowest gates first
+    separated: bool  # every closed gate < 0.5 <= every open gate
+    trajectory: list[list[float]] = field(default_factory=list)  # g per step
+    losses: list[dict] = field(default_factory=list)
+
+
+class BlockGates(nn.Module):
+    """Forward hooks that gate each block's residual update; `enabled=False` gives the dense model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.layers = get_adapter(model).get_layers(model)
+        self.logits = nn.Parameter(torch.zeros(len(self.layers)))
+        self.temperature = 1.0
+        self.enabled = True
+        self._handles = [
+            layer.register_forward_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(self.layers)
+        ]
+
+    def values(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits / self.temperature)
+
+    def _hook(self, i: int):
+        def hook(module, args, kwargs, output):
+            if not self.enabled:
+                return output
+            h = args[0] if args else kwargs["hidden_states"]
+            out = output[0] if isinstance(output, tuple) else output
+            gated = h + self.values()[i].to(out.dtype) * (out - h)
+            return (gated, *output[1:]) if isinstance(output, tuple) else gated
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _block_weights(model: nn.Module, unit: BudgetUnit) -> torch.Tensor:
+    layers = get_adapter(model).get_layers(model)
+    if unit is BudgetUnit.BLOCKS:
+        return torch.ones(len(layers))
+    sizes = torch.tensor([float(sum(p.numel() for p in layer.parameters())) for layer in layers])
+    return sizes / sizes.mean()
+
+
+@torch.no_grad()
+def _project_to_budget(logits: torch.Tensor, weights: torch.Tensor, target: float, temperature: float) -> None:
+    """Shift all logits by one constant c so that sum_i w_i sigmoid((s_i + c) / T) = target."""
+    lo, hi = -100.0, 100.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if float((weights * torch.sigmoid((logits + mid) / temperature)).sum()) > target:
+            hi = mid
+        else:
+            lo = mid
+    logits.add_((lo + hi) / 2)
+
+
+def learn_gates(model: nn.Module, data: torch.Tensor, cfg: GateConfig) -> GateResult:
+    """Train one gate per block on `data` (LongTensor [n, seq]) and pick the blocks to close.
+
+    The model's weights are not changed. Raises ValueError if `num_remove` would leave no block.
+    """
+    n_blocks = len(get_adapter(model).get_layers(model))
+    if cfg.num_remove >= n_blocks:
+        raise ValueError(f"cannot close {cfg.num_remove} of {n_blocks} blocks: at least one must stay")
+    if data.ndim != 2 or data.shape[0] < 1:
+        raise ValueError(f"gate data must be a non-empty (n, seq) token tensor, got shape {tuple(data.shape)}")
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    gates = BlockGates(model)
+    weights = _block_weights(model, cfg.budget_unit)
+    target = float(weights.sum() - weights.sort().values[: cfg.num_remove].sum())
+    _project_to_budget(gates.logits, weights, target, gates.temperature)
+    opt = torch.optim.Adam([gates.logits], lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    result = GateResult(gates=[], closed=[], separated=False)
+    was_training = model.training
+    model.eval()
+    try:
+        for step in tqdm(range(cfg.steps), desc="learning block gates"):
+            t0, t1 = cfg.temperature
+            gates.temperature = t0 * (t1 / t0) ** (step / max(1, cfg.steps - 1))
+            batch = data[torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=gen)]
+            gates.enabled = False
+            with torch.no_grad():
+                dense = model(batch, output_hidden_states=cfg.hidden_mse > 0)
+            gates.enabled = True
+            gated = model(batch, output_hidden_states=cfg.hidden_mse > 0)
+            kl = F.kl_div(
+                F.log_softmax(gated.logits.float(), -1).flatten(0, 1),
+                F.log_softmax(dense.logits.float(), -1).flatten(0, 1),
+                log_target=True, reduction="batchmean",
+            )
+            g = gates.values()
+            ramp = min(1.0, step / max(1, cfg.steps // 2))
+            polar = (4 * g * (1 - g)).mean()
+            loss = kl + cfg.polarization * ramp * polar
+            terms = {"kl": kl.item(), "polarization": polar.item()}
+            if cfg.hidden_mse > 0:
+                mse = F.mse_loss(gated.hidden_states[-1], dense.hidden_states[-1])
+                loss = loss + cfg.hidden_mse * mse
+                terms["hidden_mse"] = mse.item()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            _project_to_budget(gates.logits, weights, target, gates.temperature)
+            result.trajectory.append([round(x, 5) for x in gates.values().tolist()])
+            result.losses.append({k: round(v, 6) for k, v in terms.items()})
+    finally:
+        gates.remove()
+        for p, req in frozen:
+            p.requires_grad_(req)
+        model.train(was_training)
+    final = gates.values().detach()
+    order = torch.argsort(final).tolist()
+    closed = order[: cfg.num_remove]
+    opened = order[cfg.num_remove:]
+    result.gates = [round(x, 5) for x in final.tolist()]
+    result.closed = closed
+    result.separated = all(final[c] < 0.5 for c in closed) and all(final[o] >= 0.5 for o in opened)
+    return result

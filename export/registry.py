@@ -1,0 +1,81 @@
+"""Export backends register themselves by name; nothing branches on backend names.
+
+A backend is a class with
+    name: str
+    export(model_dir: Path, out: Path, cfg: ExportConfig) -> dict    # writes `out`, returns a report
+    generate(artifact: Path, prompt: str, max_new_tokens: int, on_token=None) -> list[int]
+Heavy dependencies are imported inside the backend's methods, so importing the
+registry (and the CLI) stays cheap and a missing package becomes an install hint.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Callable
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    INT8 = "int8"  # ONNX: dynamic int8; ExecuTorch: int8 weight-only
+    INT4 = "int4"  # ONNX: MatMulNBits weight-only, block 32
+    INT8DA4W = "8da4w"  # ExecuTorch: int8 dynamic activations, int4 grouped weights
+
+
+@dataclass
+class ExportConfig:
+    precision: Precision = Precision.FP32
+    max_context: int = 512  # static KV-cache length where the backend needs one
+    embedding_bits: int | None = None  # quantize the (tied) embedding to 4 or 8 bits, shared with the head
+    group_size: int = 32  # int4 block / group size
+    parity: bool = True  # run the parity gate before anything is written to `out`
+    num_threads: int | None = None
+
+    def __post_init__(self):
+        try:
+            self.precision = Precision(self.precision)
+        except ValueError:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(p.value for p in Precision)}") from None
+        if self.max_context < 2:
+            raise ValueError(f"max_context must be at least 2, got {self.max_context}")
+        if self.embedding_bits not in (None, 4, 8):
+            raise ValueError(f"embedding_bits must be 4 or 8, got {self.embedding_bits}")
+
+
+_BACKENDS: dict[str, type] = {}
+# Modules that register backends when imported; listed here so `get_backend` can name
+# every backend without importing onnxruntime or executorch up front.
+_BACKEND_MODULES = {"onnx": "export.onnx", "executorch": "export.executorch"}
+
+
+def register_backend(name: str) -> Callable[[type], type]:
+    def wrap(cls: type) -> type:
+        cls.name = name
+        _BACKENDS[name] = cls
+        return cls
+
+    return wrap
+
+
+def known_backends() -> list[str]:
+    return sorted(set(_BACKENDS) | set(_BACKEND_MODULES))
+
+
+def get_backend(name: str):
+    """An instance of the backend called `name`. Raises ValueError listing the known names."""
+    if name not in _BACKENDS and name in _BACKEND_MODULES:
+        importlib.import_module(_BACKEND_MODULES[name])
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(known_backends())}")
+    return _BACKENDS[name]()
+
+
+def check_paths(model_dir: Path, out: Path) -> None:
+    """Reject, before any work, an output that would land inside the model it reads."""
+    model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
+    if not model_dir.exists():
+        raise FileNotFoundError(f"{model_dir}: no such model")
+    if out == model_dir or model_dir in out.parents:
+        raise ValueError(f"output {out} is inside the model directory {model_dir}; choose a path outside it")
