@@ -54,8 +54,9 @@ class DataConfig:
     text_field: str = "text"  # column of .jsonl/.parquet/dataset rows
     split: str = "train"  # dataset split
     cache_dir: str | None = None  # where `self` text is cached; default ~/.cache/foldgpt
+    gen_seed: int = 0  # generation seed for `self` text (seed above orders the packing)
     gen_max_new_tokens: int = 256
-    gen_batch_size: int = 16
+    gen_batch_size: int = 32
     gen_temperature: float = 0.8
 
     def __post_init__(self):
@@ -169,48 +170,62 @@ def _model_fingerprint(model: nn.Module) -> str:
 
 
 def self_generated(cfg: DataConfig, model: nn.Module, tokenizer) -> list[str]:
-    """Documents sampled from the dense model itself, cached by (model, settings)."""
-    key = dict(model=_model_fingerprint(model), tokens=cfg.num_tokens, seed=cfg.seed,
-               max_new=cfg.gen_max_new_tokens, temperature=cfg.gen_temperature, v=1)
+    """Documents sampled from the dense model itself.
+
+    One growing cache per (model, generation settings): a request for more tokens
+    than cached continues the same seeded batch sequence, so calibration and healing
+    sets drawn from one model share their documents instead of generating twice.
+    """
+    key = dict(model=_model_fingerprint(model), seed=cfg.gen_seed, max_new=cfg.gen_max_new_tokens,
+               batch=cfg.gen_batch_size, temperature=cfg.gen_temperature, v=2)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cfg.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "foldgpt") / "self-text"
-    file = cache / f"{digest}.jsonl"
-    if file.is_file():
-        return [json.loads(line)["text"] for line in file.read_text().splitlines()]
-
-    docs, n_tokens, batch_idx = [], 0, 0
+    file, meta_file = cache / f"{digest}.jsonl", cache / f"{digest}.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() and file.is_file() else {"tokens": 0, "batches": 0}
+    docs = [json.loads(line)["text"] for line in file.read_text().splitlines()][: meta.get("docs", 0)] if meta["batches"] else []
     target = int(cfg.num_tokens * 1.1)  # packing loses a partial window per document boundary
+    if meta["tokens"] >= target:
+        return docs
+
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    bar = tqdm(total=target, desc="generating self text", unit="tok")
+    bar = tqdm(total=target, initial=meta["tokens"], desc="generating self text", unit="tok")
     try:
-        while n_tokens < target:
-            prompts = seed_prompts(cfg.gen_batch_size * (batch_idx + 1), cfg.seed)[-cfg.gen_batch_size:]
-            texts = [_render(tokenizer, p) for p in prompts]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            torch.manual_seed(cfg.seed + batch_idx)
+        while meta["tokens"] < target:
+            b = meta["batches"]
+            prompts = seed_prompts(cfg.gen_batch_size * (b + 1), cfg.gen_seed)[-cfg.gen_batch_size:]
+            enc = tokenizer([_render(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+            torch.manual_seed(cfg.gen_seed * 7919 + b)
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=cfg.gen_max_new_tokens, do_sample=True,
                                      temperature=cfg.gen_temperature, top_p=0.95, pad_token_id=pad)
-            new = out[:, enc["input_ids"].shape[1]:]
-            for row in new:
+            new_docs = []
+            for row in out[:, enc["input_ids"].shape[1]:]:
                 text = tokenizer.decode(row, skip_special_tokens=True).strip()
                 if text:
-                    docs.append(text)
+                    new_docs.append(text)
                     got = int((row != pad).sum())
-                    n_tokens += got
+                    meta["tokens"] += got
                     bar.update(got)
-            batch_idx += 1
+            meta["batches"] += 1
+            docs += new_docs
+            _write_cache(file, meta_file, docs, {**meta, **key})
     finally:
         tokenizer.padding_side = padding_side
         bar.close()
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    os.replace(tmp, file)
-    (cache / f"{digest}.json").write_text(json.dumps({**key, "config": asdict(cfg)}, indent=1))
     return docs
+
+
+def _write_cache(file: Path, meta_file: Path, docs: list[str], meta: dict) -> None:
+    """Text first, then the meta that vouches for it; each replaced atomically."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((file, "".join(json.dumps({"text": d}) + "\n" for d in docs)),
+                       (meta_file, json.dumps({**meta, "docs": len(docs)}, indent=1))):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def _render(tokenizer, prompt: str) -> str:

@@ -111,8 +111,8 @@ def perplexity(
     ids = torch.tensor(ids, device=device)
 
     nll_sum, n_scored, prev_end = 0.0, 0, 0
-    windows = range(0, n, stride)
-    for begin in tqdm(windows, desc="perplexity", unit="window", leave=False):
+    begins = range(0, max(n - seq_len, 0) + stride, stride)  # the last window is the first to reach token n-1
+    for begin in tqdm(begins, desc="perplexity", unit="window", leave=False):
         end = min(begin + seq_len, n)
         first = max(prev_end, begin + 1)  # first target not yet scored; position `begin` has no context
         if end > first:
@@ -122,8 +122,6 @@ def perplexity(
             nll_sum += F.cross_entropy(logits.float(), ids[first:end], reduction="sum").item()
             n_scored += k
         prev_end = end
-        if end == n:
-            break
     return math.exp(nll_sum / n_scored)
 
 

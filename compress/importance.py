@@ -22,7 +22,9 @@ logits; as T falls, the shift makes the top-K gates approach 1 and the rest 0. T
 polarization term ramps in over the first half of training and pushes the same way.
 The closed set is the `num_remove` lowest gates, so exactly that many close even if
 training stopped early; `separated` says whether the gates themselves agree (every
-closed gate below 0.5 and every open one above).
+closed gate below 0.5 and every open one above). The anneal ends at a temperature low
+enough to separate the R-th and (R+1)-th logits, so after the final budget shift
+exactly R gates are below 0.5 unless two logits tie.
 """
 
 from __future__ import annotations
@@ -182,8 +184,14 @@ def learn_gates(model: nn.Module, data: torch.Tensor, cfg: GateConfig) -> GateRe
         for p, req in frozen:
             p.requires_grad_(req)
         model.train(was_training)
+    # Finish the anneal: lower T until the R-th and (R+1)-th logits are 10 T apart, so the
+    # budget projection leaves exactly R gates near 0 (ties aside) even after a short run.
+    order = torch.argsort(gates.logits.detach()).tolist()
+    if 0 < cfg.num_remove < n_blocks:
+        gap = float(gates.logits[order[cfg.num_remove]] - gates.logits[order[cfg.num_remove - 1]])
+        gates.temperature = min(gates.temperature, max(gap, 1e-6) / 10)
+        _project_to_budget(gates.logits, weights, target, gates.temperature)
     final = gates.values().detach()
-    order = torch.argsort(final).tolist()
     closed = order[: cfg.num_remove]
     opened = order[cfg.num_remove:]
     result.gates = [round(x, 5) for x in final.tolist()]

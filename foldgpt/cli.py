@@ -40,6 +40,76 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_config(args: argparse.Namespace):
+    from compress.evaluate import EvalConfig
+
+    tasks = dict(_name_path(t) for t in args.task or [])
+    texts = dict(_name_path(t) for t in args.text or [])
+    if not tasks and not texts:
+        return None
+    return EvalConfig(ppl_files=texts, tasks=tasks, limit=args.limit, ppl_max_tokens=args.ppl_max_tokens)
+
+
+def _name_path(spec: str) -> tuple[str, str]:
+    from pathlib import Path
+
+    name, sep, path = spec.partition("=")
+    return (name, path) if sep else (Path(spec).stem, spec)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from compress.data import DataConfig
+    from compress.fold import FoldConfig
+    from compress.heal import HealConfig
+    from compress.importance import GateConfig
+    from compress.recipe import CompressConfig, compress
+
+    budgets = dict(max_minutes=args.heal_minutes, max_steps=args.heal_steps, max_tokens=args.heal_tokens)
+    if not args.no_heal and all(v is None for v in budgets.values()):
+        budgets["max_minutes"] = 20.0
+    cfg = CompressConfig(
+        out=args.out, model=args.model, dtype=args.dtype, resume=args.resume, work_dir=args.work_dir,
+        calib=DataConfig(source=args.data, seq_len=args.seq_len, num_sequences=args.calib_sequences, seed=args.seed),
+        heal_data=DataConfig(source=args.data, seq_len=args.seq_len, num_sequences=args.heal_sequences, seed=args.seed + 1),
+        fold=FoldConfig(removal_rate=args.removal_rate,
+                        group_size=None if args.unique_blocks else args.group_size,
+                        num_unique_blocks=args.unique_blocks,
+                        gate=GateConfig(num_remove=0, steps=args.gate_steps, seed=args.seed)),
+        heal=None if args.no_heal else HealConfig(**budgets, lora_rank=args.lora_rank, distill=args.distill,
+                                                  batch_size=args.batch_size, seed=args.seed),
+        eval=_eval_config(args),
+    )
+    out = compress(cfg)
+    print(f"folded model written to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from compress.evaluate import evaluate
+    from compress.load import load_model
+
+    cfg = _eval_config(args)
+    if cfg is None:
+        raise ValueError("nothing to evaluate: give --text FILE and/or --task NAME=FILE")
+    model, tok = load_model(args.model_dir)
+    reference = None
+    if args.reference:
+        ref_model, ref_tok = load_model(args.reference)
+        reference = evaluate(ref_model, ref_tok, cfg)
+        del ref_model
+    metrics = evaluate(model, tok, cfg, reference=reference)
+    result = {"model": str(args.model_dir), "metrics": metrics, "reference": reference}
+    out = Path(args.out) if args.out else (Path(args.model_dir) / "eval.json" if Path(args.model_dir).is_dir() else Path("eval.json"))
+    out.write_text(json.dumps(result, indent=1, default=str))
+    from compress.recipe import summary_metrics
+
+    print(json.dumps(summary_metrics(metrics), indent=2))
+    print(f"written to {out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from export.registry import ExportConfig, check_paths, get_backend
 
@@ -62,6 +132,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", action="append", help="[NAME=]FILE for windowed perplexity (repeatable)")
+    p.add_argument("--task", action="append", help="[NAME=]FILE.jsonl multiple-choice task, ARC schema (repeatable)")
+    p.add_argument("--limit", type=int, default=None, help="items per task (seeded subset)")
+    p.add_argument("--ppl-max-tokens", type=int, default=None, help="tokens read per perplexity file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foldgpt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +148,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: as stored; GGUF: float32)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("compress", help="fold a model: gates, removal, shared groups, cure")
+    p.add_argument("--model", default="default", help="source model (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="output directory for the folded model")
+    p.add_argument("--removal-rate", type=float, default=0.2, help="fraction of decoder blocks to remove, in [0, 1)")
+    p.add_argument("--group-size", type=int, default=2, help="adjacent retained blocks per shared group")
+    p.add_argument("--unique-blocks", type=int, default=None, help="instead of --group-size: unique blocks to keep")
+    p.add_argument("--heal-minutes", type=float, default=None, help="cure budget in minutes")
+    p.add_argument("--heal-steps", type=int, default=None, help="cure budget in optimizer steps")
+    p.add_argument("--heal-tokens", type=int, default=None, help="cure budget in training tokens")
+    p.add_argument("--no-heal", action="store_true", help="skip the cure")
+    p.add_argument("--distill", default="hidden", help="tail distillation target: hidden, logits or both")
+    p.add_argument("--lora-rank", type=int, default=0, help="cure with LoRA of this rank instead of full fine-tune")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--data", default="self", help="'self' (text generated by the model), or a .txt/.jsonl/.parquet file, or a dataset name")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--calib-sequences", type=int, default=32)
+    p.add_argument("--heal-sequences", type=int, default=192)
+    p.add_argument("--gate-steps", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--work-dir", default=None, help="stage artifacts and checkpoints (default: OUT.work)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its work dir")
+    _eval_args(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", help="perplexity, zero-shot accuracy and stability of a model")
+    p.add_argument("model_dir", help="folded or dense model directory, .gguf, or 'default'")
+    p.add_argument("--reference", default=None, help="dense model for stability (e.g. 'default')")
+    p.add_argument("--out", default=None, help="metrics JSON (default: MODEL_DIR/eval.json)")
+    _eval_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a folded or dense model directory to a runtime format")
     p.add_argument("backend", help="onnx or executorch")

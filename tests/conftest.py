@@ -51,3 +51,18 @@ def default_model():
     from compress.load import load_model
 
     return load_model("default")
+
+
+def tiny_tokenizer(vocab: int = 99):
+    """A character-level fast tokenizer whose ids fit a tiny model's vocabulary."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!:;'\"-\n()"
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    table = {t: i for i, t in enumerate(specials + list(dict.fromkeys(chars)))}
+    assert len(table) <= vocab
+    tok = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -1,0 +1,167 @@
+"""`foldgpt compress`: the FoldGPT recipe as resumable stages.
+
+    1. data      calibration + healing sequences        work/calib.pt, work/heal.pt
+    2. fold      gates -> removal -> shared groups      work/folded/ (uncured), work/fold_report.json
+    3. cure      fine-tune + tail distillation          work/cure/checkpoint (resumable)
+    4. eval      optional metrics vs the dense model    OUT/eval.json, config.fold.provenance.metrics
+    5. save      the folded model with provenance       OUT/
+
+Each stage records its settings in work/<stage>.json and writes its artifact
+atomically; with --resume a finished stage is skipped and the cure continues from its
+last checkpoint. A work dir made with different settings is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from compress.adapter import get_adapter
+from compress.data import DataConfig, build_sequences
+from compress.fold import FoldConfig, fold
+from compress.format import load_folded, save_folded
+from compress.heal import HealConfig, heal
+from compress.load import load_model
+
+
+@dataclass
+class CompressConfig:
+    out: str
+    model: str = "default"
+    dtype: str = "float32"
+    calib: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=32, seq_len=256))
+    heal_data: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=192, seq_len=256, seed=1))
+    fold: FoldConfig = field(default_factory=FoldConfig)
+    heal: HealConfig | None = field(default_factory=lambda: HealConfig(max_minutes=20))
+    eval: object | None = None  # compress.evaluate.EvalConfig
+    eval_reference: dict | None = None  # the dense model's evaluate() result, if already measured
+    work_dir: str | None = None  # default: OUT + ".work"
+    resume: bool = False
+
+    def __post_init__(self):
+        out = Path(self.out).resolve()
+        src = Path(self.model).resolve()
+        if src.exists() and (out == src or src in out.parents):
+            raise ValueError(f"output {out} is inside the source model {src}")
+
+    @property
+    def work(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(str(Path(self.out)) + ".work")
+
+
+def _claim_stage(work: Path, stage: str, settings: dict) -> bool:
+    """Record the stage's settings (or check them against a recorded run); True if the
+    stage already finished. Raises ValueError when the work dir was made with other settings."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    file = work / f"{stage}.json"
+    if file.is_file():
+        saved = json.loads(file.read_text())
+        if saved["key"] != key:
+            raise ValueError(f"{work} holds a '{stage}' stage made with other settings; use another --out or delete {work}")
+        return saved["done"]
+    _write_json(file, {"key": key, "done": False, "settings": settings})
+    return False
+
+
+def _finish_stage(work: Path, stage: str) -> None:
+    file = work / f"{stage}.json"
+    _write_json(file, {**json.loads(file.read_text()), "done": True})
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _save_tensor(t: torch.Tensor, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(t, tmp)
+    os.replace(tmp, path)
+
+
+def compress(cfg: CompressConfig) -> Path:
+    """Run the recipe; returns the output directory. Raises ValueError/FileNotFoundError
+    for bad settings before any heavy work (model loading aside)."""
+    work = cfg.work
+    if work.exists() and not cfg.resume and any(work.iterdir()):
+        raise ValueError(f"{work} exists from an earlier run; pass --resume to continue it, or choose another --out")
+    work.mkdir(parents=True, exist_ok=True)
+    dense, tokenizer = load_model(cfg.model, cfg.dtype)
+    cfg.fold.check(len(get_adapter(dense).get_layers(dense)))
+    timings: dict[str, float] = {}
+
+    # 1. data
+    t = time.monotonic()
+    data_settings = {"model": cfg.model, "calib": asdict(cfg.calib), "heal": asdict(cfg.heal_data)}
+    if not _claim_stage(work, "data", data_settings):
+        _save_tensor(build_sequences(cfg.calib, dense, tokenizer), work / "calib.pt")
+        _save_tensor(build_sequences(cfg.heal_data, dense, tokenizer), work / "heal.pt")
+        _finish_stage(work, "data")
+    calib, heal_seqs = torch.load(work / "calib.pt"), torch.load(work / "heal.pt")
+    timings["data_s"] = time.monotonic() - t
+
+    # 2. fold
+    t = time.monotonic()
+    fold_settings = {**data_settings, "fold": asdict(cfg.fold)}
+    if not _claim_stage(work, "fold", fold_settings):
+        student, report = fold(copy.deepcopy(dense), calib, cfg.fold)
+        save_folded(student, work / "folded", tokenizer, provenance={"source": cfg.model, "method": "foldgpt"})
+        _write_json(work / "fold_report.json", asdict(report))
+        _finish_stage(work, "fold")
+    student, _ = load_folded(work / "folded")
+    report = json.loads((work / "fold_report.json").read_text())
+    timings["fold_s"] = time.monotonic() - t
+
+    # 3. cure (resumes from its own checkpoint; a finished cure is restored from it)
+    heal_state = None
+    if cfg.heal is not None:
+        t = time.monotonic()
+        _claim_stage(work, "cure", {**fold_settings, "heal": asdict(cfg.heal)})
+        student, heal_state = heal(student, dense, heal_seqs, cfg.heal, work / "cure", resume=True)
+        _finish_stage(work, "cure")
+        timings["cure_s"] = time.monotonic() - t
+
+    # 4. eval
+    metrics = None
+    if cfg.eval is not None:
+        from compress.evaluate import evaluate
+
+        metrics = {"dense": cfg.eval_reference or evaluate(dense, tokenizer, cfg.eval)}
+        metrics["folded"] = evaluate(student, tokenizer, cfg.eval, reference=metrics["dense"])
+
+    # 5. save
+    provenance = {
+        "source": cfg.model, "method": "foldgpt",
+        "removal_rate": cfg.fold.removal_rate, "group_size": cfg.fold.group_size,
+        "num_unique_blocks": cfg.fold.num_unique_blocks,
+        "gates": (report.get("gates") or {}).get("gates"), "share_sources": report["sources"],
+        "params": report["params"],
+        "cure": None if heal_state is None else {
+            "steps": heal_state.step, "tokens": heal_state.tokens, "seconds": round(heal_state.seconds, 1),
+            "final_loss": heal_state.losses[-1] if heal_state.losses else None,
+        },
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+    }
+    if metrics is not None:
+        provenance["metrics"] = summary_metrics(metrics)
+    out = save_folded(student, cfg.out, tokenizer, provenance=provenance)
+    if heal_state is not None:
+        _write_json(out / "cure_log.json", heal_state.losses)
+    if metrics is not None:
+        _write_json(out / "eval.json", metrics)
+    return out
+
+
+def summary_metrics(metrics):
+    """The metrics without per-item lists, small enough for config provenance."""
+    if isinstance(metrics, dict):
+        return {k: summary_metrics(v) for k, v in metrics.items() if not isinstance(v, list)}
+    return metrics

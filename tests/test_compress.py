@@ -1,0 +1,218 @@
+"""FoldGPT compression stages on tiny models: data, gates, fold, cure, recipe."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import compress.heal as heal_mod
+from compress.adapter import get_adapter
+from compress.blocks import count_parameters, schedule_of
+from compress.data import DataConfig, build_sequences, pack
+from compress.fold import FoldConfig, best_candidate, fold
+from compress.heal import HealConfig, _step, heal
+from compress.importance import GateConfig, learn_gates
+from tests.conftest import tiny_model, tiny_tokenizer
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "\n\n"
+        "Folding shares weights between adjacent blocks of a network. " * 3 + "\n\n") * 8
+
+
+def tokens(n=16, seq=32, vocab=99, seed=0):
+    return torch.randint(4, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def identity_blocks(model, depths):
+    """Zero the output projections: the block's residual update becomes exactly zero."""
+    layers = get_adapter(model).get_layers(model)
+    with torch.no_grad():
+        for d in depths:
+            layers[d].self_attn.o_proj.weight.zero_()
+            layers[d].mlp.down_proj.weight.zero_()
+
+
+# --- data ---------------------------------------------------------------------------
+
+def test_pack_is_seeded_and_fixed_length():
+    tok = tiny_tokenizer()
+    a = pack([TEXT], tok, seq_len=24, num_sequences=5, seed=3)
+    b = pack([TEXT], tok, seq_len=24, num_sequences=5, seed=3)
+    c = pack([TEXT], tok, seq_len=24, num_sequences=5, seed=4)
+    assert a.shape == (5, 24) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_local_file_sources(tmp_path, kind):
+    docs = [p for p in TEXT.split("\n\n") if p.strip()]
+    path = tmp_path / f"data.{kind}"
+    if kind == "txt":
+        path.write_text("\n\n".join(docs))
+    elif kind == "jsonl":
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": docs}), path)
+    seqs = build_sequences(DataConfig(source=str(path), seq_len=16, num_sequences=4), tokenizer=tiny_tokenizer())
+    assert seqs.shape == (4, 16)
+
+
+def test_self_generated_text_is_cached(tmp_path, monkeypatch):
+    model, tok = tiny_model(vocab=99), tiny_tokenizer()
+    cfg = DataConfig(source="self", seq_len=16, num_sequences=4, gen_max_new_tokens=24, gen_batch_size=4,
+                     cache_dir=str(tmp_path))
+    first = build_sequences(cfg, model, tok)
+    monkeypatch.setattr(model, "generate", lambda *a, **k: pytest.fail("cache not used"))
+    assert torch.equal(build_sequences(cfg, model, tok), first)
+
+
+def test_empty_and_short_data(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(ValueError, match="no text"):
+        build_sequences(DataConfig(source=str(empty)), tokenizer=tiny_tokenizer())
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(ValueError, match="data too short"):
+        build_sequences(DataConfig(source=str(short), seq_len=64), tokenizer=tiny_tokenizer())
+    with pytest.raises(FileNotFoundError):
+        DataConfig(source=str(tmp_path / "missing.jsonl"))
+
+
+# --- gates --------------------------------------------------------------------------
+
+def test_gates_close_exactly_the_redundant_blocks():
+    model = tiny_model(layers=6, hidden=64, vocab=99)
+    identity_blocks(model, [1, 4])
+    before = [p.detach().clone() for p in model.parameters()]
+    result = learn_gates(model, tokens(), GateConfig(num_remove=2, steps=60))
+    assert sorted(result.closed) == [1, 4]
+    assert result.separated
+    assert sum(g < 0.5 for g in result.gates) == 2
+    assert len(result.trajectory) == 60 and len(result.trajectory[0]) == 6
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights untouched
+
+
+@pytest.mark.parametrize("num_remove", [1, 3])
+def test_gates_close_the_requested_number(num_remove):
+    result = learn_gates(tiny_model(layers=6), tokens(), GateConfig(num_remove=num_remove, steps=40))
+    assert len(result.closed) == num_remove
+    assert sum(g < 0.5 for g in result.gates) == num_remove
+
+
+def test_gate_budget_in_params_units():
+    result = learn_gates(tiny_model(layers=4), tokens(), GateConfig(num_remove=1, steps=20, budget_unit="params"))
+    assert len(result.closed) == 1
+
+
+# --- fold ---------------------------------------------------------------------------
+
+def test_fold_schedule_and_unique_params_follow_the_rate():
+    model = tiny_model(layers=6, hidden=64, vocab=99)
+    dense = count_parameters(model)
+    block = dense.per_block[0]
+    norms = 2 * 64
+    model, report = fold(model, tokens(), FoldConfig(removal_rate=1 / 3, group_size=2,
+                                                     gate=GateConfig(num_remove=0, steps=20)))
+    assert schedule_of(model) == report.schedule == [0, 0, 1, 1]
+    assert model.config.num_hidden_layers == 4 and len(report.removed) == 2
+    after = count_parameters(model)
+    # 2 blocks removed, the remaining 4 stored as 2 blocks + 2 extra per-depth norm sets
+    assert after.unique == dense.unique - 4 * block + 2 * norms
+    assert report.params["removed_blocks"] == 2
+    layers = get_adapter(model).get_layers(model)
+    assert layers[0].mlp.gate_proj.weight is layers[1].mlp.gate_proj.weight
+    assert layers[0].post_attention_layernorm.weight is not layers[1].post_attention_layernorm.weight
+    assert not torch.equal(layers[0].post_attention_layernorm.weight, layers[1].post_attention_layernorm.weight)
+
+
+def test_fold_with_unique_block_target_merges_cheapest_neighbours():
+    model = tiny_model(layers=5, hidden=64, vocab=99)
+    identity_blocks(model, [2, 3])  # sharing these two costs nothing: both are identity
+    model, report = fold(model, tokens(), FoldConfig(removal_rate=0.0, group_size=None, num_unique_blocks=4))
+    assert report.schedule == [0, 1, 2, 2, 3]
+
+
+def test_best_candidate_is_the_lowest_measured_kl():
+    model = tiny_model(layers=4, hidden=64, vocab=99)
+    best, table = best_candidate(model, tokens(), [0, 1], FoldConfig())
+    assert set(table) == {"0", "1", "mean"}
+    assert table[str(best)] == min(table.values())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(removal_rate=1.0), "removal_rate"),
+    (dict(removal_rate=-0.1), "removal_rate"),
+    (dict(group_size=0), "group_size"),
+])
+def test_fold_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FoldConfig(**kwargs)
+
+
+def test_fold_config_checks_against_depth():
+    with pytest.raises(ValueError, match="removes all"):
+        FoldConfig(removal_rate=0.9).check(2)
+    with pytest.raises(ValueError, match="larger than the 3 retained"):
+        FoldConfig(removal_rate=0.25, group_size=4).check(4)
+
+
+# --- cure ---------------------------------------------------------------------------
+
+def test_one_cure_step_reduces_the_loss_on_a_fixed_batch(tmp_path):
+    teacher = tiny_model(layers=4, hidden=64, vocab=99)
+    student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, gate=GateConfig(num_remove=0, steps=10)))
+    batch = tokens(n=4)
+    cfg = HealConfig(max_steps=1, batch_size=4, lr=1e-3, warmup_steps=1)
+    with torch.no_grad():
+        before = _step(student, teacher, batch, cfg)["loss"].item()
+    student, state = heal(student, teacher, batch, cfg, tmp_path)
+    with torch.no_grad():
+        after = _step(student, teacher, batch, cfg)["loss"].item()
+    assert state.step == 1 and after < before
+    assert schedule_of(student) == [0, 0, 1]
+
+
+def test_lora_cure_keeps_sharing_and_changes_weights(tmp_path):
+    teacher = tiny_model(layers=4, hidden=64, vocab=99)
+    student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.0, gate=GateConfig(num_remove=0, steps=1)))
+    w = get_adapter(student).get_layers(student)[0].mlp.up_proj.weight.detach().clone()
+    student, _ = heal(student, teacher, tokens(), HealConfig(max_steps=3, lora_rank=4, lr=1e-2, warmup_steps=1), tmp_path)
+    layers = get_adapter(student).get_layers(student)
+    assert layers[0].mlp.up_proj.weight is layers[1].mlp.up_proj.weight
+    assert not torch.equal(layers[0].mlp.up_proj.weight, w)
+    assert schedule_of(student) == [0, 0, 1, 1]
+
+
+def test_interrupted_cure_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    teacher = tiny_model(layers=4, hidden=64, vocab=99)
+    start, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.0, gate=GateConfig(num_remove=0, steps=1)))
+    data, cfg = tokens(n=12), HealConfig(max_steps=5, checkpoint_every=2, lr=1e-3)
+    straight, _ = heal(copy.deepcopy(start), teacher, data, cfg, tmp_path / "a")
+
+    calls = {"n": 0}
+    real_step = heal_mod._step
+
+    def crash_on_fourth(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(heal_mod, "_step", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        heal(copy.deepcopy(start), teacher, data, cfg, tmp_path / "b")
+    monkeypatch.setattr(heal_mod, "_step", real_step)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "progress.json").read_text())["step"] == 2
+    resumed, state = heal(copy.deepcopy(start), teacher, data, cfg, tmp_path / "b", resume=True)
+    assert state.step == 5 and [l["step"] for l in state.losses] == [1, 2, 3, 4, 5]
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_steps=0), dict(max_minutes=0), dict(max_tokens=-5), dict()])
+def test_cure_budget_must_be_positive(kwargs):
+    with pytest.raises(ValueError):
+        HealConfig(**kwargs)

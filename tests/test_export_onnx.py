@@ -1,0 +1,385 @@
+"""ONNX backend on tiny folded models: weights stored once, KV-cache decode, quantization, parity gate."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compress.blocks import count_parameters, share_blocks
+from compress.format import save_folded
+from tests.conftest import tiny_model, tiny_tokenizer
+from export import onnx as onnx_backend
+from export.onnx import OnnxLM, export_onnx, unique_weight_bytes
+from export.parity import compare_greedy, parity_gate, torch_steps
+from export.registry import ExportConfig, Precision, get_backend
+
+pytest.importorskip("onnxruntime")
+EXPORT_DIR = Path(onnx_backend.__file__).parent
+
+
+def folded_tiny(path: Path, family: str = "llama") -> tuple[Path, torch.nn.Module]:
+    """A 4-depth tiny model folded to 2 blocks ([0, 0, 1, 1]), tied embedding, with a tokenizer."""
+    model = tiny_model(family)
+    share_blocks(model, [0, 0, 1, 1])
+    return save_folded(model, path, tiny_tokenizer(), provenance={"method": "test"}), model
+
+
+@pytest.fixture(scope="module")
+def folded(tmp_path_factory):
+    return folded_tiny(tmp_path_factory.mktemp("model") / "folded")
+
+
+def _export(tmp_path_factory, folded, precision, measure=False):
+    out = tmp_path_factory.mktemp(f"onnx_{precision}") / "out"
+    report = export_onnx(folded[0], out, ExportConfig(precision=precision), measure=measure)
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory, folded):
+    return _export(tmp_path_factory, folded, "fp32", measure=True)
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory, folded):
+    return _export(tmp_path_factory, folded, "int8")
+
+
+@pytest.fixture(scope="module")
+def int4(tmp_path_factory, folded):
+    return _export(tmp_path_factory, folded, "int4")
+
+
+def initializers(path: Path) -> dict[str, np.ndarray]:
+    import onnx_ir as ir
+
+    return {name: v.const_value.numpy() for name, v in ir.load(path).graph.initializers.items()}
+
+
+def _key(a: np.ndarray) -> tuple:
+    a = np.ascontiguousarray(a)
+    return a.dtype.str, a.shape, hashlib.sha1(a.tobytes()).hexdigest()
+
+
+def holders(model, arrays: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    """Unique parameter name -> initializers holding its content, as W or as W^T."""
+    index = defaultdict(list)
+    for name, a in arrays.items():
+        index[_key(a)].append(name)
+    found = {}
+    for pname, p in model.named_parameters():  # each shared Parameter once
+        w = p.detach().numpy()
+        found[pname] = index.get(_key(w), []) + (index.get(_key(w.T), []) if w.ndim == 2 else [])
+    return found
+
+
+# ----------------------------------------------------------------------------- contracts
+
+
+def test_export_reads_compress_only_through_format():
+    for file in EXPORT_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for name in names:
+                if name == "compress" or name.startswith("compress."):
+                    assert name == "compress.format", f"{file.name} imports {name}"
+
+
+def test_registry_finds_the_backend():
+    backend = get_backend("onnx")
+    assert backend.name == "onnx" and callable(backend.export) and callable(backend.generate)
+
+
+# ----------------------------------------------------------------------------- fp32
+
+
+def test_fp32_export_layout_and_report(fp32, folded):
+    out, report = fp32
+    files = {f.name for f in out.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"} <= files
+    assert not [f for f in out.parent.iterdir() if f.name != "out"], "temporary directories left beside OUT"
+    assert report["parity"]["passed"] and report["parity"]["details"]["max_abs_diff"] < 1e-3
+    assert report["unique_weight_bytes"] == count_parameters(folded[1]).unique_bytes
+    assert report["bytes_on_disk"] == sum(f.stat().st_size for f in out.glob("model.onnx*"))
+    assert report["ratios"]["ort_optimized"] < 1.6  # tiny model: graph bytes dominate; the bound is checked below
+    assert report["session_rss"]["default"]["load"] > 0
+
+
+def test_initializers_are_the_unique_tensors(fp32, folded):
+    out, _ = fp32
+    model = folded[1]
+    arrays = initializers(out / "model.onnx")
+    found = holders(model, arrays)
+    assert all(len(names) == 1 for names in found.values()), {k: v for k, v in found.items() if len(v) != 1}
+    params = {names[0] for names in found.values()}
+    rest = {n: a for n, a in arrays.items() if n not in params}  # rotary inv_freq and scalar constants
+    assert all(a.nbytes <= 64 for a in rest.values()), {n: a.shape for n, a in rest.items() if a.nbytes > 64}
+    assert len(params) == len(found) == len(list(model.parameters()))
+    assert sum(arrays[n].nbytes for n in params) == count_parameters(model).unique_bytes
+
+
+def test_tied_embedding_stored_once(fp32, folded):
+    import onnx_ir as ir
+
+    out, _ = fp32
+    model = folded[1]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    arrays = initializers(out / "model.onnx")
+    w = model.lm_head.weight.detach().numpy()
+    holding = [n for n, a in arrays.items() if a.shape in (w.shape, w.T.shape) and a.size == w.size]
+    assert len(holding) == 1 and np.array_equal(arrays[holding[0]], w.T)
+    users = {node.op_type for node in ir.load(out / "model.onnx").graph for v in node.inputs if v is not None and v.name == holding[0]}
+    assert users == {"MatMul", "Gather"}
+
+
+def test_kv_cache_decode_equals_full_forward(fp32, folded):
+    out, _ = fp32
+    model = folded[1]
+    ids = [5, 17, 23, 42, 8, 9, 61, 33, 12, 3]
+    lm = OnnxLM(out / "model.onnx")
+    step = lm.steps()
+    incremental = np.concatenate([step(ids[:4])] + [step([t]) for t in ids[4:]])
+    full = lm.steps()(ids)
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(incremental, full, atol=1e-5)
+    np.testing.assert_allclose(full, reference, atol=1e-4)
+
+
+def test_genai_config(fp32, folded):
+    out, _ = fp32
+    cfg = json.loads((out / "genai_config.json").read_text())
+    model, dec = cfg["model"], cfg["model"]["decoder"]
+    assert (model["vocab_size"], model["eos_token_id"], model["bos_token_id"], model["type"]) == (99, 2, 1, "llama")
+    assert (dec["num_hidden_layers"], dec["num_attention_heads"], dec["num_key_value_heads"], dec["head_size"], dec["hidden_size"]) == (4, 4, 2, 8, 32)
+    assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key" and dec["outputs"]["present_value_names"] == "present.%d.value"
+    import onnxruntime as ort
+
+    names = {i.name for i in ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).get_inputs()}
+    assert {dec["inputs"]["past_key_names"] % i for i in range(4)} <= names
+
+
+def test_generate_streams_the_greedy_tokens(fp32, folded, capsys):
+    from foldgpt.cli import main
+
+    out, _ = fp32
+    model, tok = folded[1], tiny_tokenizer()
+    pieces = []
+    tokens = get_backend("onnx").generate(out, "hello", 12, on_token=pieces.append)
+    ids = tok("hello").input_ids
+    step, expected = torch_steps(model)(), []
+    logits = step(ids)
+    for _ in range(12):
+        t = int(logits[-1].argmax())
+        if t == tok.eos_token_id:
+            break
+        expected.append(t)
+        logits = step([t])
+    assert tokens == expected and "".join(pieces) == tok.decode(expected, skip_special_tokens=True)
+    assert main(["generate", "--backend", "onnx", str(out), "--prompt", "hello", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.strip() == "".join(pieces).strip()
+
+
+# ----------------------------------------------------------------------------- quantized
+
+
+def test_int8_shared_weights_quantized_once(int8, folded):
+    out, report = int8
+    model = folded[1]
+    arrays = initializers(out / "model.onnx")
+    matrices = {id(p): p for p in model.parameters() if p.ndim == 2}  # linear weights + the tied embedding, once
+    quantized = [a for a in arrays.values() if a.dtype == np.int8 and a.ndim == 2]
+    assert sorted(a.shape for a in quantized) == sorted(tuple(p.shape[::-1]) for p in matrices.values())
+    assert not [n for n, a in arrays.items() if a.dtype == np.float32 and a.ndim == 2]
+    assert report["initializers"]["bytes"] - report["unique_weight_bytes"] < 1024
+    assert report["unique_weight_bytes"] == unique_weight_bytes(model, Precision.INT8)
+    assert report["parity"]["passed"] and report["parity"]["kind"] == "perplexity"
+    assert abs(report["parity"]["details"]["ppl_ratio"] - 1) < 0.05
+
+
+def test_int4_shared_weights_quantized_once(int4, folded):
+    import onnx_ir as ir
+
+    out, report = int4
+    model = folded[1]
+    graph = ir.load(out / "model.onnx").graph
+    nbits = [n for n in graph if n.op_type == "MatMulNBits"]
+    weights = {n.inputs[1].name for n in nbits}
+    matrices = [p for p in {id(p): p for p in model.parameters()}.values() if p.ndim == 2]
+    assert len(weights) == len(matrices) < len(nbits)  # shared blocks: two MatMulNBits read one 4-bit tensor
+    arrays = initializers(out / "model.onnx")
+    assert not [n for n, a in arrays.items() if a.dtype == np.float32 and a.ndim == 2 and a.size >= 32 * 32]
+    assert report["initializers"]["bytes"] - report["unique_weight_bytes"] < 1024
+    assert report["parity"]["passed"] and abs(report["parity"]["details"]["ppl_ratio"] - 1) < 0.05
+
+
+def test_int4_tied_embedding_reads_the_head_weight(int4, folded, tmp_path):
+    """The embedding rows the graph computes equal an independent dequantization of the
+    head's MatMulNBits tensor, which is within half a step of the fp32 embedding."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    out, _ = int4
+    w = folded[1].model.embed_tokens.weight.detach().numpy()  # (V, H)
+    model = ir.load(out / "model.onnx")
+    head = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.attributes["N"].as_int() == w.shape[0])
+    bq, scales = head.inputs[1].const_value.numpy(), head.inputs[2].const_value.numpy()  # (V, nb, 16) u8, (V, nb)
+    assert {u.node.op_type for u in head.inputs[1].uses()} == {"MatMulNBits", "Gather"}
+    nib = np.stack([bq & 15, bq >> 4], -1).reshape(w.shape[0], bq.shape[1], -1).astype(np.float32) - 8
+    deq = (nib * scales[..., None]).reshape(w.shape[0], -1)[:, : w.shape[1]]
+    assert np.all(np.abs(deq - w) <= np.repeat(scales, 32, axis=1)[:, : w.shape[1]] * 0.5 + 1e-6)
+    # expose the embedding rows the rewritten graph computes
+    rows = next(v for n in model.graph for v in n.outputs if v.name == "tied_embed.rows")
+    model.graph.outputs.append(rows)
+    ir.save(model, tmp_path / "probe.onnx", external_data="probe.onnx.data")
+    sess = ort.InferenceSession(str(tmp_path / "probe.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.array([[3, 7, 98, 0]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(4)[None]}
+    feeds.update({i.name: np.zeros((1, 2, 0, 8), np.float32) for i in sess.get_inputs() if i.name.startswith("past")})
+    got = sess.run(["tied_embed.rows"], feeds)[0]
+    np.testing.assert_allclose(got[0], deq[ids[0]], atol=1e-6)
+
+
+def test_unique_weight_bytes_definition(folded):
+    model = folded[1]
+    matrices = [p for p in {id(p): p for p in model.parameters()}.values() if p.ndim == 2]
+    other = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values() if p.ndim != 2)
+    assert unique_weight_bytes(model, Precision.INT8) == other + sum(p.numel() + 5 for p in matrices)
+    assert unique_weight_bytes(model, Precision.INT4) == other + sum(p.numel() // 2 + p.numel() // 32 * 4 for p in matrices)
+
+
+# ----------------------------------------------------------------------------- gate and bad input
+
+
+def test_parity_gate_rejects_a_corrupted_export(folded, tmp_path, monkeypatch):
+    import onnx_ir as ir
+
+    trace = onnx_backend.trace
+
+    def corrupted_trace(model, path):
+        stats = trace(model, path)
+        m = ir.load(path)
+        name, value = max(m.graph.initializers.items(), key=lambda kv: kv[1].const_value.size)
+        arr = value.const_value.numpy().copy()
+        arr[0] += 0.05  # one row of one weight: small, but more than the 1e-3 logits bound
+        value.const_value = ir.tensor(arr, name=name)
+        from export.onnx_graph import save
+
+        save(m, path.with_name("corrupt.onnx"))
+        for f in ("model.onnx", "model.onnx.data"):
+            (path.parent / f).unlink()
+        save(ir.load(path.with_name("corrupt.onnx")), path)
+        return stats
+
+    monkeypatch.setattr(onnx_backend, "trace", corrupted_trace)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="parity gate failed") as err:
+        export_onnx(folded[0], out, ExportConfig(), measure=False)
+    message = str(err.value)
+    assert "\n" not in message and not out.exists()
+    kept = Path(message.split("export kept at ")[1].split(",")[0])
+    assert kept.parent == tmp_path and (kept / "model.onnx").is_file()
+
+
+def test_parity_gate_functions_compare_step_factories(folded):
+    model = folded[1]
+    ref = torch_steps(model)
+    same = compare_greedy(ref, ref, [5, 6, 7], new_tokens=4)
+    assert same["tokens_identical"] and same["max_abs_diff"] == 0.0
+
+    def noisy():
+        step = ref()
+        return lambda ids: step(ids) + 0.01
+
+    gate = parity_gate(ref, noisy, [[5, 6, 7]], new_tokens=4)
+    assert not gate.passed and "max |logits diff|" in gate.reason
+
+
+def test_not_a_model_is_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for src, err in ((tmp_path / "missing", FileNotFoundError), (tmp_path / "empty", FileNotFoundError)):
+        with pytest.raises(err) as e:
+            export_onnx(src, tmp_path / "out", ExportConfig())
+        assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_out_inside_model_dir_is_rejected(folded):
+    with pytest.raises(ValueError, match="inside the model directory"):
+        export_onnx(folded[0], folded[0] / "onnx", ExportConfig())
+    assert not (folded[0] / "onnx").exists()
+
+
+def test_unsupported_precision_and_embedding_bits(folded, tmp_path):
+    with pytest.raises(ValueError, match="fp32, int8 or int4"):
+        export_onnx(folded[0], tmp_path / "out", ExportConfig(precision="8da4w"))
+    with pytest.raises(ValueError, match="embedding_bits"):
+        export_onnx(folded[0], tmp_path / "out", ExportConfig(precision="int4", embedding_bits=8))
+    assert not (tmp_path / "out").exists()
+
+
+@torch.library.custom_op("foldgpt_test::mystery", mutates_args=())
+def _mystery(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@_mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_unsupported_op_is_one_line_and_writes_nothing(folded, tmp_path, monkeypatch):
+    load = onnx_backend.load_model
+
+    def load_with_mystery_op(model_dir):
+        model, tok = load(model_dir)
+        norm = model.model.norm
+        forward = norm.forward
+        norm.forward = lambda h: torch.ops.foldgpt_test.mystery(forward(h))
+        return model, tok
+
+    monkeypatch.setattr(onnx_backend, "load_model", load_with_mystery_op)
+    with pytest.raises(ValueError, match="cannot export llama to ONNX") as err:
+        export_onnx(folded[0], tmp_path / "out", ExportConfig(), measure=False)
+    assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    from foldgpt.cli import main
+
+    assert main(["export", "onnx", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("foldgpt export: error:") and "\n" not in err
+    assert main(["generate", "--backend", "onnx", str(tmp_path), "--prompt", "x"]) == 2
+
+
+# ----------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_default_model_folded_passes_the_gate(default_model, tmp_path):
+    import copy
+
+    from compress.blocks import remove_blocks
+
+    model, tok = default_model
+    model = copy.deepcopy(model)
+    remove_blocks(model, list(range(20, 26)))
+    share_blocks(model, [d // 2 for d in range(24)])
+    path = save_folded(model, tmp_path / "folded", tok, provenance={"source": "default"})
+    out = tmp_path / "onnx"
+    report = export_onnx(path, out, ExportConfig(num_threads=2), measure=False)
+    assert report["parity"]["passed"], report["parity"]["reason"]
+    assert report["parity"]["details"]["tokens_identical"]
+    disk = sum(f.stat().st_size for f in out.glob("model.onnx*"))
+    assert report["unique_weight_bytes"] == count_parameters(model).unique_bytes
+    assert disk <= 1.02 * report["unique_weight_bytes"]
+    assert report["initializers"]["bytes"] <= 1.001 * report["unique_weight_bytes"]
