@@ -216,3 +216,75 @@ def test_interrupted_cure_resumes_to_the_same_weights(tmp_path, monkeypatch):
 def test_cure_budget_must_be_positive(kwargs):
     with pytest.raises(ValueError):
         HealConfig(**kwargs)
+
+
+# --- recipe and CLI -----------------------------------------------------------------
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    from compress.format import save_folded
+
+    model = tiny_model(layers=6, hidden=64, vocab=99)
+    path = save_folded(model, tmp_path / "dense", tiny_tokenizer())
+    text = tmp_path / "heal.txt"
+    text.write_text(TEXT)
+    return path, text
+
+
+def compress_args(tmp_path, tiny_dir, *extra):
+    model, text = tiny_dir
+    return ["compress", "--model", str(model), "--out", str(tmp_path / "folded"), "--data", str(text),
+            "--removal-rate", "0.34", "--group-size", "2", "--seq-len", "16", "--calib-sequences", "8",
+            "--heal-sequences", "8", "--gate-steps", "10", "--heal-steps", "3", *extra]
+
+
+def test_compress_cli_writes_a_folded_model(tmp_path, tiny_dir):
+    from compress.format import load_folded
+    from foldgpt.cli import main
+
+    assert main(compress_args(tmp_path, tiny_dir)) == 0
+    model, tok = load_folded(tmp_path / "folded")
+    fold = model.config.fold
+    assert fold["schedule"] == [0, 0, 1, 1] and len(fold["provenance"]["removed_blocks"]) == 2
+    assert fold["provenance"]["method"] == "foldgpt" and fold["provenance"]["cure"]["steps"] == 3
+    assert len(fold["provenance"]["gates"]) == 6
+    assert tok is not None
+
+
+def test_compress_resume_skips_finished_stages(tmp_path, tiny_dir, monkeypatch):
+    import compress.recipe as recipe
+    from foldgpt.cli import main
+
+    assert main(compress_args(tmp_path, tiny_dir)) == 0
+    monkeypatch.setattr(recipe, "fold", lambda *a, **k: pytest.fail("finished fold stage was redone"))
+    monkeypatch.setattr(recipe, "build_sequences", lambda *a, **k: pytest.fail("finished data stage was redone"))
+    assert main(compress_args(tmp_path, tiny_dir, "--resume")) == 0
+
+
+def test_compress_refuses_a_work_dir_from_other_settings(tmp_path, tiny_dir, capsys):
+    from foldgpt.cli import main
+
+    assert main(compress_args(tmp_path, tiny_dir)) == 0
+    args = compress_args(tmp_path, tiny_dir, "--resume")
+    args[args.index("--group-size") + 1] = "3"
+    assert main(args) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("--removal-rate", "1.5", "removal_rate"),
+    ("--removal-rate", "0.95", "removes all"),
+    ("--group-size", "9", "larger than"),
+    ("--heal-steps", "0", "max_steps must be positive"),
+    ("--seq-len", "50000", "data too short"),
+])
+def test_compress_bad_input_is_one_line(tmp_path, tiny_dir, capsys, flag, value, match, monkeypatch):
+    import compress.recipe as recipe
+    from foldgpt.cli import main
+
+    monkeypatch.setattr(recipe, "fold", lambda *a, **k: pytest.fail("heavy work started before the check"))
+    args = compress_args(tmp_path, tiny_dir)
+    args[args.index(flag) + 1] = value
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "\n" not in err
