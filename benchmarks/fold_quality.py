@@ -36,9 +36,9 @@ def eval_config(limit: int | None, ppl_tokens: int):
         ppl_files={"wikitext2": str(DEV / "wikitext2_valid" / "wiki.valid.raw")},
         ppl_max_tokens=ppl_tokens,
         tasks={
-            "arc_easy": str(DEV / "arc_easy_dev" / "ARC-Easy-Dev.jsonl"),
             "arc_challenge": str(DEV / "arc_challenge" / "ARC-Challenge-Test.jsonl"),
             "openbookqa": str(DEV / "openbookqa" / "test.jsonl"),
+            "arc_easy_dev": str(DEV / "arc_easy_dev" / "ARC-Easy-Dev.jsonl"),
         },
         limit=limit,
     )
