@@ -139,6 +139,13 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-max-tokens", type=int, default=None, help="tokens read per perplexity file")
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from foldgpt.chat import chat
+
+    chat(args.pte, prompts=args.prompt, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foldgpt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="the Android demo's chat loop on the host (executorch runtime)")
+    p.add_argument("pte", help="exported .pte with tokenizer.json beside it")
+    p.add_argument("--prompt", action="append", help="send this message (repeatable); default: read stdin")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("run", help="the main job on a model (default: the embedded SmolLM2-135M)")
     p.add_argument("--model", default="default")
