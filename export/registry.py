@@ -19,7 +19,7 @@ from typing import Callable
 
 class Precision(str, Enum):
     FP32 = "fp32"
-    INT8 = "int8"  # ONNX: dynamic int8; ExecuTorch: int8 weight-only
+    INT8 = "int8"  # ONNX: dynamic int8; ExecuTorch: 8da8w (int8 dynamic activations, int8 per-channel weights)
     INT4 = "int4"  # ONNX: MatMulNBits weight-only, block 32
     INT8DA4W = "8da4w"  # ExecuTorch: int8 dynamic activations, int4 grouped weights
 

@@ -223,7 +223,8 @@ def test_int4_shared_weights_quantized_once(int4, folded):
 
 def test_int4_tied_embedding_reads_the_head_weight(int4, folded, tmp_path):
     """The embedding rows the graph computes equal an independent dequantization of the
-    head's MatMulNBits tensor, which is within half a step of the fp32 embedding."""
+    head's MatMulNBits tensor (low nibble first, zero point 8), which is the fp32 embedding
+    to within one quantization step."""
     import onnx_ir as ir
     import onnxruntime as ort
 
@@ -235,7 +236,9 @@ def test_int4_tied_embedding_reads_the_head_weight(int4, folded, tmp_path):
     assert {u.node.op_type for u in head.inputs[1].uses()} == {"MatMulNBits", "Gather"}
     nib = np.stack([bq & 15, bq >> 4], -1).reshape(w.shape[0], bq.shape[1], -1).astype(np.float32) - 8
     deq = (nib * scales[..., None]).reshape(w.shape[0], -1)[:, : w.shape[1]]
-    assert np.all(np.abs(deq - w) <= np.repeat(scales, 32, axis=1)[:, : w.shape[1]] * 0.5 + 1e-6)
+    step = np.repeat(np.abs(scales), 32, axis=1)[:, : w.shape[1]]  # ORT's symmetric scales may be negative
+    assert np.all(np.abs(deq - w) <= step + 1e-6)  # within one step (the range end is clipped to 7)
+    assert np.abs(deq - w).mean() < 0.3 * step.mean()
     # expose the embedding rows the rewritten graph computes
     rows = next(v for n in model.graph for v in n.outputs if v.name == "tied_embed.rows")
     model.graph.outputs.append(rows)
