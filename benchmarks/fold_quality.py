@@ -63,7 +63,8 @@ def dense_reference(eval_cfg) -> dict:
     return result
 
 
-def run_point(name: str, heal_minutes: float, eval_cfg, reference: dict) -> dict:
+def run_point(name: str, heal_minutes: float, eval_cfg, reference: dict, heal_sequences: int) -> dict:
+    from compress.data import DataConfig
     from compress.fold import FoldConfig
     from compress.heal import HealConfig
     from compress.recipe import CompressConfig, compress
@@ -73,6 +74,7 @@ def run_point(name: str, heal_minutes: float, eval_cfg, reference: dict) -> dict
     if not (out / "eval.json").is_file():
         cfg = CompressConfig(
             out=str(out), model="default",
+            heal_data=DataConfig(num_sequences=heal_sequences, seq_len=256, seed=1),
             fold=FoldConfig(removal_rate=rate, group_size=None, num_unique_blocks=unique),
             heal=HealConfig(max_minutes=heal_minutes), eval=eval_cfg, eval_reference=reference, resume=True,
         )
@@ -161,6 +163,7 @@ def main() -> None:
     ap.add_argument("--points", default=",".join(POINTS))
     ap.add_argument("--limit", type=int, default=300, help="items per multiple-choice task")
     ap.add_argument("--ppl-tokens", type=int, default=32768)
+    ap.add_argument("--heal-sequences", type=int, default=64, help="256-token windows of self-generated healing text")
     args = ap.parse_args()
     if not DEV.is_dir():
         raise SystemExit(f"{DEV} not found: this benchmark needs the development sets beside the repository")
@@ -169,7 +172,7 @@ def main() -> None:
     points = []
     for name in args.points.split(","):
         t = time.monotonic()
-        points.append(run_point(name, args.heal_minutes, eval_cfg, reference))
+        points.append(run_point(name, args.heal_minutes, eval_cfg, reference, args.heal_sequences))
         print(f"{name}: done in {(time.monotonic() - t) / 60:.1f} min", flush=True)
         write_report(points)
     print((RESULTS / "fold_quality.md").read_text())
