@@ -132,6 +132,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from runtime_tests.bench import BenchConfig, bench
+
+    artifacts: dict[str, dict[str, str]] = {}
+    for spec in args.artifact or []:  # NAME:BACKEND[:PRECISION]=PATH
+        key, sep, path = spec.partition("=")
+        name, _, runtime = key.partition(":")
+        if not sep or not runtime:
+            raise ValueError(f"--artifact {spec!r}: expected NAME:BACKEND[:PRECISION]=PATH, e.g. folded:onnx:int4=runs/onnx")
+        artifacts.setdefault(name, {})[runtime] = path
+    cfg = BenchConfig(models=dict(_name_path(m) for m in args.models), artifacts=artifacts, out=args.out,
+                      profile=args.profile, cores=args.cores, torch_eager=not args.no_torch,
+                      prompt_lengths=tuple(int(n) for n in args.prompt_lengths.split(",")),
+                      decode_tokens=args.decode_tokens, warmup=args.warmup, repeats=args.repeats,
+                      memory_cap=not args.no_memory_cap)
+    result = bench(cfg)
+    print(f"report written to {result['files']['markdown']}")
+    return 0
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", action="append", help="[NAME=]FILE for windowed perplexity (repeatable)")
     p.add_argument("--task", action="append", help="[NAME=]FILE.jsonl multiple-choice task, ARC schema (repeatable)")
@@ -210,6 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="send this message (repeatable); default: read stdin")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("bench", help="latency and memory under an emulated phone CPU; JSON + Markdown report")
+    p.add_argument("models", nargs="+", help="[NAME=]MODEL_DIR (folded or dense); name a dense one 'dense' for ratios")
+    p.add_argument("--artifact", action="append", help="NAME:BACKEND[:PRECISION]=PATH exported artifact (repeatable)")
+    p.add_argument("--profile", default="apple_a17_pro", help="target profile name or .json file")
+    p.add_argument("--cores", type=int, default=None, help="cores to pin to (default: the profile's performance cores)")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--prompt-lengths", default="32,128,512")
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-torch", action="store_true", help="skip PyTorch eager on the model directories")
+    p.add_argument("--no-memory-cap", action="store_true", help="do not cap address space at the profile's app budget")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("run", help="the main job on a model (default: the embedded SmolLM2-135M)")
     p.add_argument("--model", default="default")

@@ -1,0 +1,202 @@
+"""`foldgpt bench`: latency and memory of dense and folded models under one phone profile.
+
+    from runtime_tests.bench import BenchConfig, bench
+    bench(BenchConfig(models={"dense": "runs/dense", "folded": "runs/folded"},
+                      artifacts={"folded": {"onnx:fp32": "runs/onnx", "executorch:fp32": "runs/model.pte"}},
+                      profile="apple_a17_pro", out="runs/bench"))
+
+Stages:
+  1. setup     profile (unknown name -> ValueError listing the known ones), cores (more
+               than the machine has -> ValueError), before any measurement
+  2. bandwidth STREAM triad on the pinned cores: this machine's measured bandwidth
+  3. measure   per model x runtime, each in a fresh pinned, memory-capped process:
+               memory (RSS after load, peak), then latency (TTFT, decode); a missing
+               artifact, an error or an OOM is recorded and the rest still runs
+  4. project   roofline decode tokens/s on this machine and on the target, streaming
+               and with shared blocks cache-resident, labelled projections
+  5. report    bench.json, report.md and plots in `out` (runtime_tests.report)
+PyTorch eager always runs on each model directory; exported artifacts are keyed
+"backend:precision" (precision sets the roofline's bytes per weight).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from runtime_tests.emulate import Isolation, project_decode, run_isolated, shape_of
+from runtime_tests.latency import DECODE_TOKENS, PRELOAD, PROMPT_LENGTHS, RUNNERS
+from runtime_tests.memory import artifact_bytes, weight_bytes, weights_check
+from runtime_tests.profiles import DEFAULT_PROFILE, check_cores, load_profile
+
+MB = 1 << 20
+# stored bytes per weight at an export precision (int4: 4 bits + one fp32 scale per 32)
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.625, "8da4w": 0.625}
+
+
+@dataclass
+class BenchConfig:
+    models: dict[str, str]                                   # name -> folded/dense model directory
+    artifacts: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> "backend:precision" -> path
+    out: str = "runs/bench"
+    profile: str = DEFAULT_PROFILE
+    cores: int | None = None                                 # default: the profile's performance cores
+    torch_eager: bool = True
+    prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS
+    decode_tokens: int = DECODE_TOKENS
+    warmup: int = 1
+    repeats: int = 5
+    memory_cap: bool = True                                  # RLIMIT_AS at the profile's app budget
+    budget_mb: float | None = None                           # override the profile's budget (tests)
+
+    def __post_init__(self):
+        if not self.models:
+            raise ValueError("nothing to benchmark: give at least one model directory")
+        for name, specs in self.artifacts.items():
+            if name not in self.models:
+                raise ValueError(f"artifacts for {name!r}, which is not among the models ({', '.join(self.models)})")
+            for key in specs:
+                backend, _, precision = key.partition(":")
+                if backend not in RUNNERS:
+                    raise ValueError(f"artifact {key!r}: unknown backend {backend!r}; known: {', '.join(sorted(RUNNERS))}")
+                if (precision or "fp32") not in BYTES_PER_PARAM:
+                    raise ValueError(f"artifact {key!r}: unknown precision; known: {', '.join(BYTES_PER_PARAM)}")
+        if self.repeats < 1 or self.decode_tokens < 1 or not self.prompt_lengths:
+            raise ValueError("repeats and decode_tokens must be at least 1, and prompt_lengths non-empty")
+
+
+def bench(cfg: BenchConfig) -> dict:
+    """Run stages 1-5; returns the result dict also written to OUT/bench.json."""
+    # 1. setup
+    profile = load_profile(cfg.profile)
+    cores = check_cores(cfg.cores or profile.performance_cores)
+    budget = (cfg.budget_mb or profile.app_ram_budget_mb) if cfg.memory_cap else None
+    iso = Isolation(cores=cores, budget_mb=budget)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"config": asdict(cfg), "profile": profile.to_dict(), "cores": cores, "budget_mb": budget,
+              "emulation": {"pinned_cores": cores, "threads": len(cores),
+                            "profile_cores": profile.performance_cores,
+                            "note": "clock speed is not emulated; only core count, threads and memory",
+                            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+              "models": {}, "runs": []}
+
+    # 2. bandwidth
+    _progress("bandwidth", f"STREAM triad on cores {cores}")
+    bw = run_isolated("runtime_tests.emulate:stream_triad", {}, Isolation(cores=cores))
+    result["host_bandwidth"] = bw.get("result") or {"error": bw.get("message")}
+    host_gbs = (bw.get("result") or {}).get("triad_gbs")
+
+    # 3. measure (+ 4. project, per run)
+    for name, model_dir in cfg.models.items():
+        info = describe_model(model_dir)
+        result["models"][name] = {k: v for k, v in info.items() if k != "shape_obj"}
+        runs = ([("torch", "fp32", model_dir)] if cfg.torch_eager else []) + [
+            (key.partition(":")[0], key.partition(":")[2] or "fp32", path) for key, path in cfg.artifacts.get(name, {}).items()]
+        for backend, precision, path in runs:
+            _progress("measure", f"{name} / {backend} {precision}")
+            run = measure_one(name, backend, precision, path, info, cfg, iso)
+            run["projection"] = project(info["shape_obj"], precision, run, profile, host_gbs, cfg)
+            result["runs"].append(run)
+
+    result["emulation"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["ratios"] = ratios(result)
+    # 5. report
+    from runtime_tests.report import write_report
+
+    result["files"] = write_report(result, out)
+    _progress("report", f"written to {out}")
+    return result
+
+
+def _progress(stage: str, text: str) -> None:
+    print(f"[bench:{stage}] {text}", flush=True)
+
+
+def describe_model(model_dir) -> dict:
+    """Shape, parameter counts and fold provenance (gates) of a model directory."""
+    from compress.format import load_folded, summarize
+
+    model, _ = load_folded(model_dir)
+    s = summarize(model, Path(model_dir))
+    shape = shape_of(model)
+    prov = s.get("provenance") or {}
+    return {"path": str(model_dir), "depth": s["num_layers"], "num_unique_blocks": s["num_unique_blocks"],
+            "effective_params": s["effective_params"], "unique_params": s["unique_params"],
+            "embedding_params": s["embedding_params"], "tied_embeddings": s["tied_embeddings"],
+            "bytes_on_disk": s["bytes_on_disk"], "schedule": s["schedule"],
+            "size_breakdown_params": {"embedding": shape.embedding_params,
+                                      "blocks": sum(shape.block_params.values()),
+                                      "head": 0 if s["tied_embeddings"] else shape.head_params,
+                                      "other": shape.other_params},
+            "gates": prov.get("gates"), "removed_blocks": prov.get("removed_blocks"),
+            "shape": shape.to_dict(), "shape_obj": shape}
+
+
+def measure_one(name: str, backend: str, precision: str, path: str, info: dict, cfg: BenchConfig, iso: Isolation) -> dict:
+    run = {"model": name, "backend": backend, "precision": precision, "artifact": str(path),
+           "cores": iso.cores, "threads": iso.threads, "budget_mb": iso.budget_mb}
+    if not Path(path).exists():
+        run.update(status="missing", message=f"{path}: no such artifact (export it first)")
+        return run
+    shape = info["shape_obj"]
+    bpp = BYTES_PER_PARAM[precision]
+    max_ctx = max(cfg.prompt_lengths) + cfg.decode_tokens
+    run["sizes"] = {"artifact_bytes": artifact_bytes(path), "weight_file_bytes": weight_bytes(path),
+                    "kv_cache_bytes_at": {str(n): int(shape.kv_bytes(n)) for n in (*cfg.prompt_lengths, max_ctx)}}
+    needs_mb = (run["sizes"]["weight_file_bytes"] + shape.kv_bytes(max_ctx)) / MB
+    common = {"backend": backend, "artifact": str(path), "threads": iso.threads}
+    vocab = shape.vocab
+    mem = run_isolated("runtime_tests.memory:memory_job", {**common, "vocab": vocab}, iso,
+                       preload=PRELOAD[backend], needs_mb=needs_mb)
+    run["memory"] = mem.get("result") or {k: v for k, v in mem.items() if k != "result"}
+    if mem["status"] == "ok":
+        unique_b, effective_b = info["unique_params"] * bpp, info["effective_params"] * bpp
+        run["memory"]["weights_check"] = weights_check(mem["result"]["rss_after_load"], int(unique_b), int(effective_b))
+        run["affinity_seen"] = mem.get("affinity")
+    if mem["status"] != "ok":
+        run.update(status=mem["status"], message=mem.get("message"))
+        return run
+    lat = run_isolated("runtime_tests.latency:latency_job",
+                       {**common, "prompt_lengths": list(cfg.prompt_lengths), "decode_tokens": cfg.decode_tokens,
+                        "warmup": cfg.warmup, "repeats": cfg.repeats, "vocab": vocab},
+                       iso, preload=PRELOAD[backend], needs_mb=needs_mb)
+    run["latency"] = lat.get("result")
+    run.update(status=lat["status"], message=lat.get("message"))
+    return run
+
+
+def project(shape, precision: str, run: dict, profile, host_gbs: float | None, cfg: BenchConfig) -> dict:
+    """Roofline projections at the decode context actually measured (prompt + half the decode)."""
+    lat = run.get("latency") or {}
+    context = int(lat.get("decode_after_prompt", min(cfg.prompt_lengths)) + lat.get("decode_tokens", cfg.decode_tokens) / 2)
+    bpp = BYTES_PER_PARAM[precision]
+    out = {"target": project_decode(shape, profile.memory_bandwidth_gbs, profile.llc_mb, bpp, context)}
+    out["target"]["device"] = profile.name
+    if host_gbs:
+        # the same model on this machine, for checking the roofline against the measured number
+        out["host"] = project_decode(shape, host_gbs, profile.llc_mb, bpp, context)
+        out["host"]["device"] = "this machine (measured triad bandwidth)"
+    return out
+
+
+def ratios(result: dict) -> dict:
+    """Folded vs dense decode speed on the same runtime, and the issue's target ratio."""
+    models = result["models"]
+    dense = next((n for n in models if n == "dense"), None)
+    if dense is None:
+        return {}
+    speed = {(r["model"], r["backend"], r["precision"]): (r.get("latency") or {}).get("decode_tokens_per_s", {}).get("p50")
+             for r in result["runs"] if r.get("status") == "ok"}
+    out = {}
+    for (name, backend, precision), tps in speed.items():
+        base = speed.get((dense, backend, precision))
+        if name == dense or not tps or not base:
+            continue
+        target = models[dense]["depth"] / models[name]["depth"] * 0.95
+        out[f"{name}/{backend}:{precision}"] = {"decode_speedup_vs_dense": round(tps / base, 3),
+                                                "target": round(target, 3), "meets_target": tps / base >= target}
+    return out
+
+

@@ -1,0 +1,197 @@
+"""Latency harness: time to first token per prompt length, decode tokens/s, p50/p90.
+
+Every backend is driven through one small protocol, a `Runner`:
+    reset()                      start a new sequence (empty KV cache)
+    prefill(ids) -> logits       append a prompt, return the last position's logits (vocab,)
+    step(token)  -> logits       append one token
+Runners are thin adapters over what each backend already has:
+    torch       compress.format.load_folded + a transformers DynamicCache (eager)
+    onnx        export.onnx.OnnxLM (one session, explicit past/present tensors)
+    executorch  export.executorch_runtime.PteLM (static KV cache, prefill/step)
+
+    result = measure_latency(make_runner("torch", "runs/folded", threads=2))
+
+Timing: TTFT = prefill + argmax of the first token, per prompt length; decode =
+`decode_tokens` greedy steps after the shortest prompt, reported as ms per token and
+tokens/s. Each is repeated `repeats` times after `warmup` untimed runs; p50 and p90
+are over the repeats. Prompt ids are seeded random tokens (latency does not depend
+on the text), so no tokenizer is needed. A prompt that does not fit the backend's
+context (a static-cache .pte) is reported as skipped, not truncated.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Protocol
+
+import numpy as np
+
+PROMPT_LENGTHS = (32, 128, 512)
+DECODE_TOKENS = 128
+
+
+class Runner(Protocol):
+    max_context: int | None
+
+    def reset(self) -> None: ...
+    def prefill(self, ids: list[int]) -> np.ndarray: ...
+    def step(self, token: int) -> np.ndarray: ...
+
+
+class TorchRunner:
+    """PyTorch eager on a folded (or dense) model directory, KV cache as transformers keeps it."""
+
+    def __init__(self, model_dir, threads: int | None = None):
+        import torch
+        from compress.format import load_folded
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.model, _ = load_folded(model_dir)
+        self.model = self.model.float().eval()
+        self.vocab_size = self.model.config.vocab_size
+        self.max_context = None
+        self.reset()
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache, self.length = DynamicCache(config=self.model.config), 0
+
+    def _forward(self, ids: list[int]) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.tensor([ids], dtype=torch.long)
+            pos = torch.arange(self.length, self.length + len(ids))[None]
+            out = self.model(input_ids=x, position_ids=pos, past_key_values=self.cache, use_cache=True,
+                             logits_to_keep=1)
+        self.cache, self.length = out.past_key_values, self.length + len(ids)
+        return out.logits[0, -1].numpy()
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        return self._forward(list(ids))
+
+    def step(self, token: int) -> np.ndarray:
+        return self._forward([int(token)])
+
+
+class OnnxRunner:
+    """ONNX Runtime (CPU EP) on an `export.onnx` directory, intra_op_num_threads = threads."""
+
+    def __init__(self, artifact, threads: int | None = None):
+        from pathlib import Path
+
+        from export.onnx import MODEL_FILE, OnnxLM
+
+        path = Path(artifact)
+        path = path / MODEL_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"{artifact}: no {MODEL_FILE} (not an ONNX export)")
+        self.lm = OnnxLM(path, num_threads=threads)
+        self.max_context = None
+
+    def reset(self) -> None:
+        self.lm.reset()
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        return self.lm.step(list(ids))[-1]
+
+    def step(self, token: int) -> np.ndarray:
+        return self.lm.step([int(token)])[-1]
+
+
+class PteRunner:
+    """ExecuTorch pybindings on a .pte, XNNPACK threadpool reset to `threads`."""
+
+    def __init__(self, artifact, threads: int | None = None):
+        from export.executorch_runtime import PteLM
+
+        self.lm = PteLM(artifact, num_threads=threads)
+        self.max_context = self.lm.max_context
+
+    def reset(self) -> None:
+        self.lm.reset()
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        return self.lm.prefill(list(ids))
+
+    def step(self, token: int) -> np.ndarray:
+        return self.lm.step(int(token))
+
+
+RUNNERS: dict[str, Callable[..., Runner]] = {"torch": TorchRunner, "onnx": OnnxRunner, "executorch": PteRunner}
+# modules a fresh process imports before the memory cap is set (the runtime, not the model)
+PRELOAD = {"torch": ("torch", "transformers"), "onnx": ("numpy", "onnxruntime", "transformers"),
+           "executorch": ("torch", "export.executorch_runtime")}
+
+
+def make_runner(backend: str, artifact, threads: int | None = None) -> Runner:
+    """The runner for `backend` on `artifact`. Raises ValueError listing the known backends."""
+    if backend not in RUNNERS:
+        raise ValueError(f"unknown runtime backend {backend!r}; known: {', '.join(sorted(RUNNERS))}")
+    return RUNNERS[backend](artifact, threads)
+
+
+def _percentiles(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=float)
+    return {"p50": round(float(np.percentile(a, 50)), 3), "p90": round(float(np.percentile(a, 90)), 3),
+            "runs": [round(float(v), 3) for v in a]}
+
+
+def measure_latency(runner: Runner, prompt_lengths=PROMPT_LENGTHS, decode_tokens: int = DECODE_TOKENS,
+                    warmup: int = 1, repeats: int = 5, vocab: int | None = None, seed: int = 0) -> dict:
+    """TTFT per prompt length and decode speed of `runner`; see the module docstring."""
+    if repeats < 1 or warmup < 0 or decode_tokens < 1:
+        raise ValueError(f"need repeats >= 1, warmup >= 0, decode_tokens >= 1 (got {repeats}, {warmup}, {decode_tokens})")
+    rng = np.random.default_rng(seed)
+    vocab = vocab or 2
+    limit = runner.max_context
+    result = {"ttft_ms": {}, "skipped": {}, "warmup": warmup, "repeats": repeats, "decode_tokens": decode_tokens}
+
+    for length in prompt_lengths:
+        if limit is not None and length > limit:
+            result["skipped"][str(length)] = f"prompt of {length} tokens is longer than the context of {limit}"
+            continue
+        ids = rng.integers(3, vocab, size=length).tolist()
+        times = []
+        for i in range(warmup + repeats):
+            runner.reset()
+            t = time.perf_counter()
+            int(runner.prefill(ids).argmax())
+            if i >= warmup:
+                times.append((time.perf_counter() - t) * 1e3)
+        result["ttft_ms"][str(length)] = _percentiles(times)
+
+    prompt_len = min(prompt_lengths)
+    if limit is not None and prompt_len + decode_tokens > limit:
+        decode_tokens = max(1, limit - prompt_len)
+        result["decode_tokens"] = decode_tokens
+        result["skipped"]["decode"] = f"decode shortened to {decode_tokens} tokens by the context of {limit}"
+    ids = rng.integers(3, vocab, size=prompt_len).tolist()
+    per_token = []
+    for i in range(warmup + repeats):
+        runner.reset()
+        token = int(runner.prefill(ids).argmax())
+        t = time.perf_counter()
+        for _ in range(decode_tokens):
+            token = int(runner.step(token).argmax())
+        if i >= warmup:
+            per_token.append((time.perf_counter() - t) * 1e3 / decode_tokens)
+    ms = _percentiles(per_token)
+    result["decode_ms_per_token"] = ms
+    result["decode_tokens_per_s"] = {"p50": round(1e3 / ms["p50"], 2), "p10_speed_of_p90_latency": round(1e3 / ms["p90"], 2)}
+    result["decode_after_prompt"] = prompt_len
+    return result
+
+
+def latency_job(backend: str, artifact: str, threads: int, prompt_lengths=PROMPT_LENGTHS,
+                decode_tokens: int = DECODE_TOKENS, warmup: int = 1, repeats: int = 5, vocab: int | None = None) -> dict:
+    """Entry point for `emulate.run_isolated`: build the runner, measure, return JSON-able numbers."""
+    t = time.perf_counter()
+    runner = make_runner(backend, artifact, threads)
+    load_s = time.perf_counter() - t
+    vocab = vocab or getattr(runner, "vocab_size", None) or getattr(getattr(runner, "lm", None), "vocab_size", None)
+    out = measure_latency(runner, tuple(prompt_lengths), decode_tokens, warmup, repeats, vocab=vocab)
+    out["load_s"] = round(load_s, 3)
+    return out

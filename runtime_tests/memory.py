@@ -1,0 +1,124 @@
+"""Memory harness: resident memory of one model in a fresh process, file sizes, KV-cache bytes.
+
+    memory_job("torch", "runs/folded", threads=2)     # run it through emulate.run_isolated
+
+In the fresh process the runtime is imported first (see latency.PRELOAD), then the
+peak-RSS counter is reset (/proc/self/clear_refs, "5"), so every number is this
+model's growth over the runtime:
+    rss_after_load   VmRSS growth from building the runner (weights loaded or mapped)
+    rss_after_run    after a prefill of `prompt_tokens` and `decode_tokens` steps
+    peak_rss         VmHWM growth over the whole measurement
+    anon / file      the same split into anonymous and file-backed pages at the end
+`weights_check` compares rss_after_load with the model's unique and effective weight
+bytes: a folded model whose shared blocks are stored once should sit near unique.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime_tests.latency import make_runner
+
+MB = 1 << 20
+
+
+def _status() -> dict:
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile") if k in fields}
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_job(backend: str, artifact: str, threads: int, prompt_tokens: int = 32, decode_tokens: int = 8,
+               vocab: int = 2) -> dict:
+    """Entry point for `emulate.run_isolated`; all sizes in bytes."""
+    import numpy as np
+
+    warm_runtime(backend, artifact)
+    peak_reset = _reset_peak()
+    before = _status()
+    runner = make_runner(backend, artifact, threads)
+    loaded = _status()
+    ids = np.random.default_rng(0).integers(3, max(vocab, 4), size=prompt_tokens).tolist()
+    token = int(runner.prefill(ids).argmax())
+    for _ in range(decode_tokens):
+        token = int(runner.step(token).argmax())
+    ran = _status()
+    grow = lambda now, k: now[k] - before[k]  # noqa: E731
+    return {"rss_after_load": grow(loaded, "VmRSS"), "rss_after_run": grow(ran, "VmRSS"),
+            "peak_rss": ran["VmHWM"] - (before["VmRSS"] if peak_reset else before["VmHWM"]),
+            "anon_after_run": grow(ran, "RssAnon"), "file_after_run": grow(ran, "RssFile"),
+            "runtime_baseline_rss": before["VmRSS"], "peak_counter_reset": peak_reset,
+            "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens}
+
+
+def warm_runtime(backend: str, artifact: str) -> None:
+    """Pay the runtime's one-off costs (modeling code, kernel registry, thread pools) before
+    the baseline, so the growth measured after it is the model's."""
+    if backend == "torch":
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        import compress.format  # noqa: F401
+
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(artifact))
+    elif backend == "onnx":
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
+
+        x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+        y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+        w = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+        graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "warmup", [x], [y], [w])
+        ort.InferenceSession(onnx.helper.make_model(graph).SerializeToString(),
+                             providers=["CPUExecutionProvider"]).run(None, {"x": np.ones((1, 4), np.float32)})
+    elif backend == "executorch":
+        from export.executorch_runtime import runtime
+
+        runtime()
+
+
+def artifact_bytes(path) -> int:
+    """Bytes on disk of an artifact: a file, a .pte with its .ptd, or a directory's files."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    total = path.stat().st_size
+    if path.suffix == ".pte" and path.with_suffix(".ptd").is_file():
+        total += path.with_suffix(".ptd").stat().st_size
+    return total
+
+
+def weight_bytes(path) -> int:
+    """Bytes of weight files only (safetensors / onnx + external data / pte + ptd), without tokenizer files."""
+    path = Path(path)
+    if path.is_file():
+        return artifact_bytes(path)
+    names = ("*.safetensors", "*.onnx", "*.onnx.data", "*.data", "*.pte", "*.ptd", "*.bin")
+    return sum(f.stat().st_size for pattern in names for f in path.glob(pattern))
+
+
+def weights_check(rss_after_load: int, unique_bytes: int, effective_bytes: int) -> dict:
+    """Does resident memory after load follow unique (stored once) or effective (per depth) weights?
+
+    follows_unique is True when the growth is closer to unique than to effective bytes.
+    Only meaningful when unique < effective (a folded model); a dense model reports None.
+    """
+    ratio_u = rss_after_load / unique_bytes if unique_bytes else None
+    out = {"rss_after_load": rss_after_load, "unique_bytes": unique_bytes, "effective_bytes": effective_bytes,
+           "rss_over_unique": round(ratio_u, 3) if ratio_u else None,
+           "rss_over_effective": round(rss_after_load / effective_bytes, 3) if effective_bytes else None}
+    if effective_bytes <= unique_bytes:
+        out["follows_unique"] = None
+    else:
+        out["follows_unique"] = abs(rss_after_load - unique_bytes) < abs(rss_after_load - effective_bytes)
+    return out
+

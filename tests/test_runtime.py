@@ -1,0 +1,197 @@
+"""Runtime harnesses on tiny models: profiles, pinning, memory cap, latency, roofline, report."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from compress.blocks import share_blocks
+from compress.format import save_folded
+from runtime_tests.emulate import Isolation, bytes_per_token, project_decode, run_isolated, shape_of, stream_triad
+from runtime_tests.latency import TorchRunner, make_runner, measure_latency
+from runtime_tests.memory import weights_check
+from runtime_tests.profiles import DEFAULT_PROFILE, check_cores, known_profiles, load_profile
+from tests.conftest import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A dense 4-depth tiny llama and the same model folded to 2 shared blocks, with gates."""
+    root = tmp_path_factory.mktemp("rt")
+    dense = save_folded(tiny_model("llama"), root / "dense", tiny_tokenizer(), provenance={"method": "test"})
+    m = tiny_model("llama")
+    share_blocks(m, [0, 0, 1, 1])
+    folded = save_folded(m, root / "folded", tiny_tokenizer(), provenance={"method": "test", "gates": [0.9, 0.2, 0.8, 0.7]})
+    return dense, folded
+
+
+# ----------------------------------------------------------------------------- profiles
+
+
+@pytest.mark.parametrize("name", known_profiles())
+def test_every_profile_parses_with_sources(name):
+    p = load_profile(name)
+    assert p.performance_cores >= 1 and p.memory_bandwidth_gbs > 0 and p.app_ram_budget_mb > 0
+    assert set(p.sources) == {"performance_cores", "clock_ghz", "memory_bandwidth_gbs", "llc_mb", "app_ram_budget_mb"}
+    assert all(s["source"].strip() for s in p.sources.values())
+
+
+def test_the_three_device_classes_and_the_default_exist():
+    assert {"snapdragon_8_gen_3", "snapdragon_7_gen_3", "apple_a17_pro"} <= set(known_profiles())
+    assert DEFAULT_PROFILE in known_profiles()
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known profiles: .*apple_a17_pro"):
+        load_profile("pixel_99")
+
+
+def test_a_figure_without_source_is_rejected(tmp_path):
+    data = json.loads((Path(load_profile.__globals__["PROFILE_DIR"]) / "apple_a17_pro.json").read_text())
+    data["llc_mb"]["source"] = ""
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="llc_mb has no source"):
+        load_profile(tmp_path / "bad.json")
+
+
+def test_more_cores_than_the_machine_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"needs \d+ cores but this machine has"):
+        check_cores((os.cpu_count() or 1) + 1)
+    assert check_cores(1) == [sorted(os.sched_getaffinity(0))[0]]
+
+
+# ----------------------------------------------------------------------------- emulation
+
+
+def test_pinning_restricts_the_child_process():
+    core = sorted(os.sched_getaffinity(0))[-1]
+    rec = run_isolated("runtime_tests.emulate:affinity_probe", {}, Isolation(cores=[core]), preload=("torch",))
+    assert rec["status"] == "ok", rec
+    assert rec["result"]["affinity"] == [core]
+    assert rec["result"]["torch_threads"] == 1
+
+
+def test_low_memory_cap_is_reported_as_does_not_fit():
+    rec = run_isolated("runtime_tests.emulate:allocate_probe", {"mb": 256}, Isolation(cores=check_cores(1), budget_mb=32),
+                       preload=("numpy",))
+    assert rec["status"] == "does_not_fit", rec
+    assert rec["message"].startswith("does not fit: needs ") and rec["message"].endswith("budget 32 MB")
+    assert rec["needs_mb"] >= 256
+    ok = run_isolated("runtime_tests.emulate:allocate_probe", {"mb": 8}, Isolation(cores=check_cores(1), budget_mb=64),
+                      preload=("numpy",))
+    assert ok["status"] == "ok"
+
+
+def test_stream_triad_measures_a_bandwidth():
+    r = stream_triad(array_mb=8, threads=1, repeats=2)
+    assert r["triad_gbs"] > 0.1 and "measured" in r["label"]
+
+
+def test_roofline_counts_a_shared_block_once_when_it_fits_the_cache(models):
+    from compress.format import load_folded
+
+    dense, folded = (shape_of(load_folded(p)[0]) for p in models)
+    block = folded.block_params[0] * 4
+    stream = bytes_per_token(folded, 4, context=16)
+    cached = bytes_per_token(folded, 4, context=16, llc_bytes=block)
+    assert stream["blocks"] == pytest.approx(bytes_per_token(dense, 4, 16)["blocks"], rel=0.05)  # every depth reads
+    assert stream["blocks"] - cached["blocks"] == pytest.approx(2 * block)  # depths 1 and 3 hit the cache
+    assert bytes_per_token(folded, 4, 16, llc_bytes=block - 1)["blocks"] == stream["blocks"]  # too big: no reuse
+    assert stream["kv_cache"] == 2 * 4 * 2 * 8 * 16 * 4  # K+V x depths x kv_heads x head_dim x context x fp32
+    p = project_decode(folded, 50.0, 1.0, 4, 16)
+    assert "projection" in p["label"] and p["tokens_per_s_cache_resident"] > p["tokens_per_s"]
+
+
+# ----------------------------------------------------------------------------- latency and memory
+
+
+def test_latency_harness_on_a_tiny_torch_model(models):
+    r = measure_latency(TorchRunner(models[1], threads=1), prompt_lengths=(4, 16), decode_tokens=4, warmup=1,
+                        repeats=2, vocab=99)
+    assert set(r["ttft_ms"]) == {"4", "16"}
+    assert len(r["ttft_ms"]["16"]["runs"]) == 2 and r["ttft_ms"]["16"]["p90"] >= r["ttft_ms"]["16"]["p50"] > 0
+    assert r["decode_tokens_per_s"]["p50"] > 0
+
+
+def test_torch_runner_decode_matches_a_full_forward(models):
+    import torch
+    from compress.format import load_folded
+
+    runner = TorchRunner(models[1], threads=1)
+    ids = [5, 9, 12, 7]
+    runner.reset()
+    runner.prefill(ids[:2])
+    runner.step(ids[2])
+    last = runner.step(ids[3])
+    model, _ = load_folded(models[1])
+    with torch.no_grad():
+        full = model(torch.tensor([ids])).logits[0, -1].numpy()
+    assert abs(last - full).max() < 1e-4
+
+
+def test_static_context_skips_long_prompts(models):
+    runner = TorchRunner(models[1], threads=1)
+    runner.max_context = 20
+    r = measure_latency(runner, prompt_lengths=(4, 32), decode_tokens=30, warmup=0, repeats=1, vocab=99)
+    assert "32" in r["skipped"] and "4" in r["ttft_ms"] and r["decode_tokens"] == 16
+
+
+def test_unknown_runtime_backend_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known: executorch, onnx, torch"):
+        make_runner("tflite", "x")
+
+
+def test_weights_check_tells_unique_from_effective():
+    assert weights_check(105, unique_bytes=100, effective_bytes=200)["follows_unique"] is True
+    assert weights_check(190, unique_bytes=100, effective_bytes=200)["follows_unique"] is False
+    assert weights_check(100, unique_bytes=100, effective_bytes=100)["follows_unique"] is None
+
+
+def test_onnx_runner_if_onnxruntime_is_installed(models, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from export.onnx import export_onnx
+    from export.registry import ExportConfig
+
+    out = tmp_path / "onnx"
+    export_onnx(models[1], out, ExportConfig(parity=False), measure=False)
+    r = measure_latency(make_runner("onnx", out, threads=1), prompt_lengths=(4,), decode_tokens=4, warmup=0,
+                        repeats=1, vocab=99)
+    assert r["decode_tokens_per_s"]["p50"] > 0
+
+
+# ----------------------------------------------------------------------------- bench and report
+
+
+def test_bench_writes_the_report_with_missing_export_and_oom(models, tmp_path):
+    from runtime_tests.bench import BenchConfig, bench
+
+    out = tmp_path / "bench"
+    result = bench(BenchConfig(models={"dense": str(models[0]), "folded": str(models[1])},
+                               artifacts={"folded": {"executorch:fp32": str(tmp_path / "missing.pte")}},
+                               out=str(out), cores=1, prompt_lengths=(4, 8), decode_tokens=4, warmup=0, repeats=1))
+    statuses = {(r["model"], r["backend"]): r["status"] for r in result["runs"]}
+    assert statuses == {("dense", "torch"): "ok", ("folded", "torch"): "ok", ("folded", "executorch"): "missing"}
+    assert all(r["affinity_seen"] == result["cores"] for r in result["runs"] if r["status"] == "ok")
+    md = (out / "report.md").read_text()
+    assert "projection" in md and "measured" in md and "missing" in md
+    assert {"latency_vs_compression", "memory_vs_compression", "size_breakdown", "gates"} <= set(result["files"])
+    assert json.loads((out / "bench.json").read_text())["ratios"]["folded/torch:fp32"]["target"] == 0.95
+
+    tight = bench(BenchConfig(models={"folded": str(models[1])}, out=str(tmp_path / "tight"), cores=1,
+                              prompt_lengths=(4,), decode_tokens=2, warmup=0, repeats=1, budget_mb=1))
+    assert tight["runs"][0]["status"] == "does_not_fit"
+    assert "does not fit: needs" in (tmp_path / "tight" / "report.md").read_text()
+
+
+def test_bench_rejects_bad_input_before_work(models, tmp_path):
+    from runtime_tests.bench import BenchConfig, bench
+
+    with pytest.raises(ValueError, match="unknown profile"):
+        bench(BenchConfig(models={"m": str(models[1])}, profile="nope", out=str(tmp_path)))
+    with pytest.raises(ValueError, match="unknown backend"):
+        BenchConfig(models={"m": str(models[1])}, artifacts={"m": {"tflite:fp32": "x"}})
+    with pytest.raises(ValueError, match="cores"):
+        bench(BenchConfig(models={"m": str(models[1])}, cores=(os.cpu_count() or 1) + 1, out=str(tmp_path)))
