@@ -36,7 +36,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from foldgpt.pipeline import RunConfig, run
 
-    run(RunConfig(model=args.model, dtype=args.dtype))
+    run(RunConfig(model=args.model, dtype=args.dtype, out=args.out, heal_minutes=args.heal_minutes,
+                  bench=not args.no_bench, profile=args.profile))
     return 0
 
 
@@ -248,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the main job on a model (default: the embedded SmolLM2-135M)")
     p.add_argument("--model", default="default")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", default="runs/main", help="everything the run makes; rerun to resume")
+    p.add_argument("--heal-minutes", type=float, default=5.0)
+    p.add_argument("--profile", default=None, help="phone profile for the harnesses")
+    p.add_argument("--no-bench", action="store_true", help="stop after the exports")
     p.set_defaults(func=cmd_run)
     return parser
 

@@ -1,26 +1,144 @@
 """`foldgpt run`: the main job, as its stages in order.
 
-Stage 1 (load) is all that exists so far; compression, export and the runtime
-harnesses join here as they land, each one a function call on a typed config.
+    1. dense     the source model, saved in the folded format      OUT/dense
+    2. compress  FoldGPT at the default point (gates, removal,      OUT/folded (+ OUT/folded.work)
+                 sharing, a short cure)
+    3. export    ONNX and ExecuTorch, dense and folded, each        OUT/exports/<model>-<backend>-<precision>
+                 behind its parity gate
+    4. bench     latency and memory under the default phone          OUT/bench (bench.json, report.md, plots)
+                 profile, dense beside folded on the same runtime
+
+A finished stage is not redone: each leaves its artifact, and a rerun of the same
+command picks up from the first missing one. An export that fails is recorded and the
+report is still written without it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from compress.format import format_summary, summarize
+from compress.format import WEIGHTS_NAME, format_summary, save_folded, summarize
 from compress.load import DEFAULT_MODEL, load_model
+
+# (backend, precision) pairs exported for each model; fp32 is what the parity gate pins exactly
+DEFAULT_EXPORTS = (("onnx", "fp32"), ("onnx", "int4"), ("executorch", "fp32"), ("executorch", "8da4w"))
 
 
 @dataclass
 class RunConfig:
     model: str = DEFAULT_MODEL
+    out: str = "runs/main"
     dtype: str = "float32"
+    removal_rate: float = 0.1
+    unique_blocks: int | None = 20  # with removal 0.1 on 30 blocks: 27 depths over 20 blocks, ~26% fewer parameters
+    heal_minutes: float = 5.0
+    heal_sequences: int = 64
+    exports: tuple[tuple[str, str], ...] = DEFAULT_EXPORTS
+    max_context: int = 640  # static KV cache of the ExecuTorch programs: 512-token prompts + 128 decoded
+    profile: str | None = None  # default: runtime_tests' default profile
+    repeats: int = 3
+    bench: bool = True
+    seq_len: int = 256
+    gate_steps: int = 60
+    calib_sequences: int = 32
+
+
+def _stage(name: str, text: str) -> float:
+    print(f"\n== {name}: {text}", flush=True)
+    return time.monotonic()
 
 
 def run(cfg: RunConfig) -> dict:
-    """Load the model, fold nothing, and return its summary."""
-    model, _ = load_model(cfg.model, cfg.dtype)
-    summary = summarize(model)
-    print(format_summary(summary))
+    """Run stages 1-4 (each skipped when its artifact exists); returns a summary dict."""
+    from compress.data import DataConfig
+    from compress.fold import FoldConfig
+    from compress.heal import HealConfig
+    from compress.importance import GateConfig
+    from compress.recipe import CompressConfig, compress
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fold_cfg = FoldConfig(removal_rate=cfg.removal_rate, group_size=None if cfg.unique_blocks else 2,
+                          num_unique_blocks=cfg.unique_blocks, gate=GateConfig(num_remove=0, steps=cfg.gate_steps))
+    heal_cfg = HealConfig(max_minutes=cfg.heal_minutes)  # validates the budget before any work
+    timings: dict[str, float] = {}
+
+    t = _stage("1/4 dense", f"load {cfg.model}")
+    dense_dir = out / "dense"
+    if not (dense_dir / WEIGHTS_NAME).is_file():
+        model, tok = load_model(cfg.model, cfg.dtype)
+        save_folded(model, dense_dir, tok, provenance={"source": cfg.model, "method": "dense"})
+    timings["dense_s"] = time.monotonic() - t
+
+    t = _stage("2/4 compress", f"removal {cfg.removal_rate}, unique blocks {cfg.unique_blocks}, cure {cfg.heal_minutes} min")
+    folded_dir = out / "folded"
+    if not (folded_dir / WEIGHTS_NAME).is_file():
+        compress(CompressConfig(
+            out=str(folded_dir), model=str(dense_dir), dtype=cfg.dtype, fold=fold_cfg, heal=heal_cfg, resume=True,
+            calib=DataConfig(num_sequences=cfg.calib_sequences, seq_len=cfg.seq_len),
+            heal_data=DataConfig(num_sequences=cfg.heal_sequences, seq_len=cfg.seq_len, seed=1),
+        ))
+    timings["compress_s"] = time.monotonic() - t
+    from compress.format import load_folded
+
+    folded, _ = load_folded(folded_dir)
+    print(format_summary(summarize(folded, folded_dir)))
+    del folded
+
+    t = _stage("3/4 export", ", ".join(f"{b} {p}" for b, p in cfg.exports))
+    exports = export_all({"dense": dense_dir, "folded": folded_dir}, cfg, out / "exports")
+    timings["export_s"] = time.monotonic() - t
+
+    bench_result = None
+    if cfg.bench:
+        from runtime_tests.bench import BenchConfig, bench
+
+        t = _stage("4/4 bench", "latency and memory, dense beside folded")
+        artifacts = {name: {f"{e['backend']}:{e['precision']}": e["path"] for e in rows if e["status"] == "ok"}
+                     for name, rows in exports.items()}
+        bench_cfg = BenchConfig(models={"dense": str(dense_dir), "folded": str(folded_dir)}, artifacts=artifacts,
+                                out=str(out / "bench"), repeats=cfg.repeats,
+                                **({"profile": cfg.profile} if cfg.profile else {}))
+        bench_result = bench(bench_cfg)
+        timings["bench_s"] = time.monotonic() - t
+
+    summary = {"config": asdict(cfg), "timings_s": {k: round(v, 1) for k, v in timings.items()}, "exports": exports,
+               "report": str(out / "bench" / "report.md") if bench_result else None}
+    (out / "run.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"\nfoldgpt run: done in {sum(timings.values()) / 60:.1f} min; summary in {out / 'run.json'}"
+          + (f", report in {summary['report']}" if summary["report"] else ""))
     return summary
+
+
+def export_all(models: dict[str, Path], cfg: RunConfig, root: Path) -> dict[str, list[dict]]:
+    """Every (model, backend, precision) export; an existing artifact is kept, a failure recorded."""
+    from export.registry import ExportConfig, get_backend
+
+    root.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
+    for name, model_dir in models.items():
+        rows = results.setdefault(name, [])
+        for backend, precision in cfg.exports:
+            path = root / f"{name}-{backend}-{precision}"
+            if backend == "executorch":  # a .pte file with its tokenizer beside it, in its own folder
+                path.mkdir(parents=True, exist_ok=True)
+                path = path / "model.pte"
+            row = {"backend": backend, "precision": precision, "path": str(path)}
+            report_file = path.parent / "export_report.json" if backend == "executorch" else path / "export_report.json"
+            if path.exists():
+                row["status"] = "ok"
+                rows.append(row)
+                continue
+            print(f"-- export {name} {backend} {precision}", flush=True)
+            try:
+                report = get_backend(backend).export(model_dir, path, ExportConfig(precision=precision, max_context=cfg.max_context))
+                report_file.write_text(json.dumps(report, indent=1, default=str))
+                row["status"] = "ok"
+            except (ValueError, FileNotFoundError, RuntimeError) as e:
+                row.update(status="failed", error=str(e).splitlines()[0][:300])
+                print(f"   failed: {row['error']}", flush=True)
+            rows.append(row)
+    return results
