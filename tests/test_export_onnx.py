@@ -379,7 +379,7 @@ def test_default_model_folded_passes_the_gate(default_model, tmp_path):
     share_blocks(model, [d // 2 for d in range(24)])
     path = save_folded(model, tmp_path / "folded", tok, provenance={"source": "default"})
     out = tmp_path / "onnx"
-    report = export_onnx(path, out, ExportConfig(num_threads=2), measure=False)
+    report = export_onnx(path, out, ExportConfig(), measure=False)
     assert report["parity"]["passed"], report["parity"]["reason"]
     assert report["parity"]["details"]["tokens_identical"]
     disk = sum(f.stat().st_size for f in out.glob("model.onnx*"))

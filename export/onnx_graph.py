@@ -1,0 +1,288 @@
+"""ONNX graph passes that keep each shared weight stored once, and the weight quantizers.
+
+Why these passes exist (measured on folded SmolLM2 and tiny Llamas):
+  * The dynamo exporter turns a shared nn.Parameter into one initializer, but every
+    Linear reads it through its own `Transpose(W)`. The onnxscript optimizer then folds
+    those transposes of small shared weights into one copy per use, and ONNX Runtime's
+    ConstantFolding folds the tied lm_head's transpose into a second (V x H) copy, so the
+    model ORT runs was 1.585x the unique bytes. `pretranspose_weights` stores W^T once and
+    lets every MatMul read it directly; the tied embedding reads the same W^T through
+    `Gather(axis=1)` + `Transpose`.
+  * int4 (MatMulNBits) quantizes the lm_head's W^T but leaves the embedding Gather on
+    the fp32 copy. `share_tied_embedding_int4` makes the embedding dequantize rows of
+    the head's 4-bit tensor and scales instead, so the tied weight is stored once, in 4 bits.
+
+Everything here works on `onnx_ir.Model`s or paths and imports onnx packages lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+DATA_SUFFIX = ".data"  # model.onnx -> model.onnx.data: one external-data file per model
+
+
+def pretranspose_weights(model, tied_head_rows: bool = False) -> dict:
+    """Store each 2-D weight read only through Transpose(perm=[1, 0]) (and Gather) once, in
+    the layout its readers need, so no optimizer later materialises a transposed copy.
+
+    For such an initializer W (out, in), a Linear weight, shared or not:
+      Transpose(W)      -> W^T                                   (MatMul reads it directly)
+      Gather(W, ids)    -> Transpose(Gather(W^T, ids, axis=1))   (a tied embedding)
+    With `tied_head_rows` a tied embedding instead stays W (V, H): Gather reads its rows
+    and the head computes logits as Transpose(MatMul(W, x^T)). W is then the MatMul's
+    A input, which ONNX Runtime does not prepack, so the session keeps one copy of it
+    rather than a packed head plus the raw embedding (fp32 only: the quantizers want W^T).
+    Returns {"linear": n, "tied": n} rewrites. Run it before the onnxscript optimizer.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    stats = {"linear": 0, "tied": 0}
+    for name, init in list(graph.initializers.items()):
+        value = init.const_value
+        if value is None or len(value.shape) != 2:
+            continue
+        transposes, gathers = [], []
+        for use in init.uses():
+            node = use.node
+            if node.domain == "" and node.op_type == "Transpose" and list(node.attributes["perm"].as_ints()) == [1, 0]:
+                transposes.append(node)
+            elif node.domain == "" and node.op_type == "Gather" and use.idx == 0 and _axis(node) == 0:
+                gathers.append(node)
+            else:
+                break
+        else:
+            if not transposes:
+                continue
+            if gathers and tied_head_rows and _head_as_rows(graph, init, transposes):
+                stats["tied"] += 1
+                continue
+            arr = np.ascontiguousarray(value.numpy().T)  # (in, out): what MatMul wants
+            wt = ir.Value(name=name + ".T", shape=ir.Shape(arr.shape), type=ir.TensorType(init.dtype),
+                          const_value=ir.tensor(arr, name=name + ".T"))
+            graph.register_initializer(wt)
+            for node in transposes:
+                node.outputs[0].replace_all_uses_with(wt, replace_graph_outputs=True)
+                graph.remove(node, safe=True)
+            for node in gathers:
+                ids = node.inputs[1]
+                rank = len(ids.shape) if ids.shape is not None else 2
+                cols = ir.node("Gather", [wt, ids], {"axis": 1}, name=f"{node.name}_cols")  # (H, *ids)
+                back = ir.node("Transpose", [cols.outputs[0]], {"perm": [*range(1, rank + 1), 0]},
+                               name=f"{node.name}_rows")  # (*ids, H)
+                back.outputs[0].name = node.outputs[0].name + "_tied"
+                back.outputs[0].type, back.outputs[0].shape = node.outputs[0].type, node.outputs[0].shape
+                graph.insert_before(node, [cols, back])
+                node.outputs[0].replace_all_uses_with(back.outputs[0], replace_graph_outputs=True)
+                graph.remove(node, safe=True)
+            graph.initializers.pop(name)
+            stats["tied" if gathers else "linear"] += 1
+    return stats
+
+
+def _head_as_rows(graph, weight, transposes) -> bool:
+    """Rewrite every MatMul(x, Transpose(W)) to Transpose(MatMul(W, Transpose(x))) when
+    each x is 3-D (B, S, H); returns False (graph untouched) when one is not."""
+    import onnx_ir as ir
+
+    matmuls = [(t, u.node) for t in transposes for u in t.outputs[0].uses()]
+    if not all(m.op_type == "MatMul" and m.domain == "" and m.inputs[1] is t.outputs[0] and m.inputs[0].shape is not None
+               and len(m.inputs[0].shape) == 3 for t, m in matmuls):
+        return False
+    for _, matmul in matmuls:
+        xt = ir.node("Transpose", [matmul.inputs[0]], {"perm": [0, 2, 1]}, name=f"{matmul.name}_xT")  # (B, H, S)
+        rows = ir.node("MatMul", [weight, xt.outputs[0]], name=f"{matmul.name}_rows")  # (B, V, S)
+        back = ir.node("Transpose", [rows.outputs[0]], {"perm": [0, 2, 1]}, name=f"{matmul.name}_back")  # (B, S, V)
+        out = matmul.outputs[0]
+        back.outputs[0].type, back.outputs[0].shape = out.type, out.shape
+        graph.insert_before(matmul, [xt, rows, back])
+        out.replace_all_uses_with(back.outputs[0], replace_graph_outputs=True)
+        name, out.name = out.name, f"{out.name}_replaced"
+        back.outputs[0].name = name  # keeps the graph output called "logits"
+        graph.remove(matmul, safe=True)
+    for t in transposes:
+        graph.remove(t, safe=True)
+    return True
+
+
+def _axis(node) -> int:
+    attr = node.attributes.get("axis")
+    return attr.as_int() if attr is not None else 0
+
+
+def save(model, path: Path) -> None:
+    """Write `model` as path + path.data (every initializer external), replacing both."""
+    import onnx_ir as ir
+
+    path = Path(path)
+    for f in (path, path.with_name(path.name + DATA_SUFFIX)):
+        f.unlink(missing_ok=True)
+    ir.save(model, path, external_data=path.name + DATA_SUFFIX)
+
+
+def clean(model) -> None:
+    """Drop per-node stack traces and doc strings (about 1.6 KB a node) from `model`."""
+    import onnx_ir.passes.common as common
+
+    common.ClearMetadataAndDocStringPass()(model)
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 (per-tensor, symmetric weights) for every MatMul and Gather weight.
+
+    The quantizer caches quantized initializers by name, so the tied W^T read by the
+    lm_head MatMul and the embedding Gather becomes one int8 tensor.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    import onnx_ir as ir
+
+    raw = Path(dst).with_name(".int8_raw.onnx")
+    with _quiet_root_logger():
+        quantize_dynamic(src, raw, weight_type=QuantType.QInt8, use_external_data_format=True,
+                         op_types_to_quantize=["MatMul", "Gather"])
+    model = ir.load(raw)
+    clean(model)
+    save(model, dst)
+    _remove_model_files(raw)
+
+
+def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> dict:
+    """Weight-only int4: MatMulNBits (symmetric, `block_size`) for every MatMul weight,
+    then the tied embedding reads the lm_head's 4-bit tensor (see `share_tied_embedding_int4`)."""
+    import onnx
+    import onnx_ir as ir
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    proto = onnx.load(src)
+    quantizer = MatMulNBitsQuantizer(proto, algo_config=DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True))
+    with _quiet_root_logger():
+        quantizer.process()
+    model = ir.from_proto(quantizer.model.model)
+    stats = {"tied": share_tied_embedding_int4(model)}
+    clean(model)
+    save(model, dst)
+    return stats
+
+
+def share_tied_embedding_int4(model) -> int:
+    """Make Gather(W^T, ids, axis=1) -> Transpose read the lm_head's MatMulNBits weight.
+
+    MatMulNBits stores W (rows = vocab entries) as B_q[N, K/bs, bs/2] uint8, two 4-bit
+    values per byte (low nibble first, zero point 8 when symmetric) and scales[N, K/bs].
+    The embedding becomes, for ids (B, S):
+      q = Gather(B_q, ids)                        # (B, S, K/bs, bs/2) uint8
+      w = interleave(q & 15, q >> 4) - 8          # (B, S, K/bs, bs)
+      x = w * Gather(scales, ids)[..., None]      # then reshaped to (B, S, K)
+    so B_q and the scales are stored once. Returns the number of rewrites.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    nbits = {node.inputs[1].name: node for node in graph if node.op_type == "MatMulNBits"}
+    done = 0
+    for gather in list(graph):
+        if gather.domain != "" or gather.op_type != "Gather" or _axis(gather) != 1 or not gather.inputs[0].is_initializer():
+            continue
+        users = list(gather.outputs[0].uses())
+        if len(users) != 1 or users[0].node.op_type != "Transpose":
+            continue
+        head = nbits.get(gather.inputs[0].name + "_Q4")  # MatMulNBitsQuantizer's naming
+        if head is None:
+            continue
+        if len(head.inputs) > 3 and head.inputs[3] is not None:
+            raise RuntimeError(f"{head.name}: asymmetric int4 (zero points) is not supported for the tied embedding")
+        transpose, ids = users[0].node, gather.inputs[1]
+        bq, scales = head.inputs[1], head.inputs[2]
+        n_out, k = head.attributes["N"].as_int(), head.attributes["K"].as_int()
+        bs = head.attributes["block_size"].as_int()
+        n_blocks = bq.shape[1]
+        if scales.shape is None or list(scales.shape) != [n_out, n_blocks]:
+            raise RuntimeError(f"{head.name}: expected scales of shape [{n_out}, {n_blocks}], got {scales.shape}")
+
+        def const(name, arr):
+            v = ir.Value(name=f"tied_embed.{name}", shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                         const_value=ir.tensor(arr, name=f"tied_embed.{name}"))
+            graph.register_initializer(v)
+            return v
+
+        nodes = []
+
+        def op(op_type, inputs, **attrs):
+            nodes.append(ir.node(op_type, inputs, attrs, name=f"tied_embed.{op_type}_{len(nodes)}"))
+            return nodes[-1].outputs[0]
+
+        last = const("last_axis", np.array([-1], np.int64))
+        q = op("Gather", [bq, ids], axis=0)  # (B, S, nb, bs/2)
+        lo = op("Unsqueeze", [op("BitwiseAnd", [q, const("low_mask", np.array(15, np.uint8))]), last])
+        hi = op("Unsqueeze", [op("BitShift", [q, const("shift", np.array(4, np.uint8))], direction="RIGHT"), last])
+        w = op("Cast", [op("Concat", [lo, hi], axis=-1)], to=ir.DataType.FLOAT)  # (B, S, nb, bs/2, 2)
+        w = op("Reshape", [op("Sub", [w, const("zero_point", np.array(8, np.float32))]),
+                           const("block_shape", np.array([0, 0, n_blocks, bs], np.int64))])
+        s = op("Unsqueeze", [op("Gather", [scales, ids], axis=0), last])  # (B, S, nb, 1)
+        x = op("Reshape", [op("Mul", [w, s]), const("row_shape", np.array([0, 0, n_blocks * bs], np.int64))])
+        if n_blocks * bs != k:  # the last block was zero-padded
+            x = op("Slice", [x, const("start", np.array([0], np.int64)), const("stop", np.array([k], np.int64)), last])
+        x.name = "tied_embed.rows"  # (B, S, K)
+        fp32_weight = gather.inputs[0]
+        graph.insert_before(gather, nodes)
+        transpose.outputs[0].replace_all_uses_with(x, replace_graph_outputs=True)
+        graph.remove([transpose, gather], safe=True)
+        if not list(fp32_weight.uses()):
+            graph.initializers.pop(fp32_weight.name)
+        done += 1
+    return done
+
+
+class _quiet_root_logger:
+    """ORT's quantizers log advice ("consider pre-processing") on the root logger."""
+
+    def __enter__(self):
+        self.level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        logging.getLogger().setLevel(self.level)
+
+
+def _remove_model_files(path: Path) -> None:
+    path = Path(path)
+    for f in path.parent.glob(path.name + "*"):
+        f.unlink()
+
+
+# ----------------------------------------------------------------------------- inspection
+
+
+def model_files(path: Path) -> list[Path]:
+    """The .onnx file and the external-data files its initializers point at."""
+    import onnx
+
+    path = Path(path)
+    proto = onnx.load(path, load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    return [path] + [path.parent / loc for loc in sorted(locations)]
+
+
+def model_bytes(path: Path) -> int:
+    return sum(os.path.getsize(f) for f in model_files(path))
+
+
+def initializer_stats(path: Path) -> dict:
+    """Count and bytes of the initializers (external data is not read), by dtype."""
+    import onnx_ir as ir
+
+    model = ir.load(path)
+    by_dtype: dict[str, int] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        by_dtype[tensor.dtype.name.lower()] = by_dtype.get(tensor.dtype.name.lower(), 0) + tensor.nbytes
+    return {"count": len(model.graph.initializers), "bytes": sum(by_dtype.values()), "by_dtype": by_dtype}
