@@ -77,17 +77,26 @@ def save_folded(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, pr
         save_file(_unique_state(model), tmp / WEIGHTS_NAME, metadata={"format": "pt", "foldgpt_format": str(FOLD_FORMAT_VERSION)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_path(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def replace_path(stage: Path, out: Path) -> None:
+    """Put `stage` (a finished file or directory) at `out`, replacing what was there.
+
+    Both live in one directory, so each rename is atomic; between the two renames
+    the old artifact sits at a hidden sibling, never half-overwritten.
+    """
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
 def read_fold_section(path: str | os.PathLike) -> dict | None:

@@ -473,10 +473,6 @@ def _rss_probe(path: str, prepack: bool) -> None:
 
 def commit(stage: Path, out: Path) -> None:
     """Replace `out` with `stage` (same filesystem, so each rename is atomic)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(stage, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    from compress.format import replace_path
+
+    replace_path(stage, out)
