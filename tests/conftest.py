@@ -8,6 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Tiny models gain nothing from a second thread, and on a shared 2-core machine a
+# second OpenMP thread waiting for a busy core makes small matmuls many times slower.
+torch.set_num_threads(1)
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma")
 
