@@ -67,9 +67,11 @@ def chat_turn(lm, prompt: str, max_new_tokens: int = 128, on_text: Callable[[str
     return ChatTurn(new, lm.decode(new), len(ids), prefill_s, len(new) / decode_s if decode_s > 0 else 0.0, eos)
 
 
-def chat(pte: str | Path, prompts: Iterable[str] | None = None, max_new_tokens: int = 128, out=sys.stdout) -> list[ChatTurn]:
+def chat(pte: str | Path, prompts: Iterable[str] | None = None, max_new_tokens: int = 128, out=None) -> list[ChatTurn]:
     """Chat with `pte`: over `prompts`, or interactively from stdin when None."""
     import psutil
+
+    out = out or sys.stdout
 
     from export.executorch_runtime import PteLM
 

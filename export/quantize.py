@@ -1,0 +1,130 @@
+"""Weight quantization for the ExecuTorch backend: each shared weight quantized once.
+
+torchao's `quantize_` walks modules and swaps each Linear's weight for a new tensor
+subclass, so two depths sharing one Parameter would come out holding two quantized
+copies (and a tied head would stop being the embedding). `quantize_shared` quantizes
+one Linear per group of Linears that share a weight and points the others at the
+result, so sharing survives into the exported program.
+
+Schemes (what the XNNPACK delegate runs):
+    int8   -> 8da8w: int8 dynamic activations, int8 per-output-channel symmetric weights.
+              Not int8 *weight-only*: ExecuTorch 1.5.1 lowers torchao's weight-only int8
+              to XNNPACK with fp32 weights and wrong logits, so int8 means 8da8w here.
+    8da4w  -> int8 dynamic activations, int4 symmetric weights in groups of `group_size`.
+    embedding_bits (tied embedding + head, one tensor): 8 -> the head is 8da8w and the
+              embedding gathers from the same int8 tensor (`embedding_byte`); 4 -> the head
+              is 8da4w and the embedding gathers 4-bit rows (`embedding_4bit`).
+The tied head stays fp32 (one tensor with the fp32 embedding) unless embedding_bits is set.
+"""
+
+from __future__ import annotations
+
+from export.registry import Precision
+
+INSTALL_HINT = "pip install 'torchao>=0.18,<0.19'"
+
+
+def linear_groups(model) -> list[list]:
+    """Linears grouped by the identity of their weight Parameter (a shared block: one group)."""
+    from torch import nn
+
+    groups: dict[int, list] = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            groups.setdefault(id(module.weight), []).append(module)
+    return list(groups.values())
+
+
+def _config(bits: int, group_size: int):
+    try:
+        import torch
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+        from torchao.quantization.granularity import PerAxis, PerGroup
+    except ImportError as e:
+        raise ValueError(f"quantized executorch export needs {e.name}: {INSTALL_HINT}") from None
+    if bits == 8:
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+
+
+def layer_bits(precision: Precision) -> int | None:
+    """Weight bits of the decoder Linears: None (fp32), 8 or 4."""
+    return {Precision.FP32: None, Precision.INT8: 8, Precision.INT8DA4W: 4}[Precision(precision)]
+
+
+def check_shapes(model, precision: Precision, group_size: int, embedding_bits: int | None) -> None:
+    """ValueError naming the first Linear whose input width does not split into groups."""
+    lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if embedding_bits is not None and (lm_head is None or lm_head.weight is not embed.weight):
+        raise ValueError("embedding_bits quantizes the embedding shared with the head; this model's embedding is not tied")
+    for group in linear_groups(model):
+        is_head = group[0] is lm_head
+        bits = embedding_bits if is_head else layer_bits(precision)
+        if bits == 4 and group[0].in_features % group_size:
+            raise ValueError(f"8da4w needs input widths divisible by group_size {group_size}; "
+                             f"a Linear has {group[0].in_features}")
+
+
+def quantize_shared(model, precision: Precision, group_size: int = 32, embedding_bits: int | None = None):
+    """Quantize `model` in place, one quantization per shared weight; returns it.
+
+    The tied head (and with it the embedding) follows `embedding_bits`, every other
+    Linear follows `precision`. Raises ValueError for shapes the scheme cannot split.
+    """
+    from torch import nn
+
+    check_shapes(model, precision, group_size, embedding_bits)
+    try:
+        from torchao.quantization import quantize_
+    except ImportError as e:
+        raise ValueError(f"quantized executorch export needs {e.name}: {INSTALL_HINT}") from None
+    lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = lm_head is not None and lm_head.weight is embed.weight
+    for group in linear_groups(model):
+        leader = group[0]
+        bits = embedding_bits if (tied and leader is lm_head) else layer_bits(precision)
+        if bits is None:
+            continue
+        quantize_(leader, _config(bits, group_size), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+        for member in group[1:]:
+            member.weight = leader.weight  # the same quantized Parameter, not a second quantization
+    if tied and embedding_bits is not None:
+        # The gather reads the head's quantized tensor: exported as dequantize + embedding,
+        # which ExecuTorch's quant fusion turns into embedding_byte / embedding_4bit.
+        embed.weight = lm_head.weight
+        # padding_idx only changes gradients, but the fusion pattern matches embedding(w, ids) without it
+        embed.padding_idx = None
+    return model
+
+
+def unique_weight_bytes(model, precision: Precision = Precision.FP32, group_size: int = 32,
+                        embedding_bits: int | None = None) -> int:
+    """The bound the exported files are measured against, from the fp32 model.
+
+    Every unique Parameter counts once (by identity: a shared block once, the tied
+    embedding once, as the head). A decoder Linear weight (out N, in K) at 8 bits is
+    N*K bytes + one fp32 scale per output row (4N); at 4 bits N*K/2 bytes + one fp32
+    scale per group of `group_size` (4*N*K/group_size). The tied embedding follows
+    `embedding_bits` the same way (8: per row, 4: per group). Symmetric schemes: no
+    zero points. Everything else (norms, biases, an untied embedding) is fp32.
+    """
+    from torch import nn
+
+    lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = lm_head is not None and lm_head.weight is embed.weight
+    bits_of = {id(m.weight): layer_bits(precision) for m in model.modules() if isinstance(m, nn.Linear)}
+    if tied:
+        bits_of[id(lm_head.weight)] = embedding_bits
+    elif lm_head is not None:
+        bits_of[id(lm_head.weight)] = layer_bits(precision)
+    total = 0
+    for p in {id(p): p for p in model.parameters()}.values():
+        bits = bits_of.get(id(p))
+        n, k = p.shape if p.ndim == 2 else (0, 0)
+        if bits == 8:
+            total += n * k + 4 * n
+        elif bits == 4:
+            total += n * k // 2 + 4 * n * -(-k // group_size)
+        else:
+            total += p.numel() * 4
+    return total
