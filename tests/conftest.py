@@ -69,3 +69,19 @@ def tiny_tokenizer(vocab: int = 99):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def reference_greedy(model, ids: list[int], max_new_tokens: int, eos_id: int | None) -> list[int]:
+    """Greedy tokens from the PyTorch model through export.parity's step interface:
+    what an exported program's own decode loop must reproduce."""
+    from export.parity import torch_steps
+
+    step, out = torch_steps(model)(), []
+    logits = step(ids)
+    for _ in range(max_new_tokens):
+        t = int(logits[-1].argmax())
+        if t == eos_id:
+            break
+        out.append(t)
+        logits = step([t])
+    return out

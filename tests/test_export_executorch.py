@@ -15,9 +15,8 @@ import torch
 
 from compress.blocks import count_parameters, share_blocks
 from compress.format import save_folded
-from export.parity import torch_steps
 from export.registry import ExportConfig, Precision, get_backend
-from tests.conftest import FAMILIES, tiny_config, tiny_model, tiny_tokenizer
+from tests.conftest import FAMILIES, reference_greedy, tiny_config, tiny_model, tiny_tokenizer
 
 pytest.importorskip("executorch")
 pytest.importorskip("torchao")
@@ -150,14 +149,7 @@ def test_generate_streams_the_greedy_tokens_and_stops_on_eos(fp32, folded, capsy
     pieces = []
     tokens = get_backend("executorch").generate(out, "hello", 12, on_token=pieces.append)
     ids = tok("hello").input_ids
-    step, expected = torch_steps(folded[1])(), []
-    logits = step(ids)
-    for _ in range(12):
-        t = int(logits[-1].argmax())
-        if t == tok.eos_token_id:
-            break
-        expected.append(t)
-        logits = step([t])
+    expected = reference_greedy(folded[1], ids, 12, tok.eos_token_id)
     assert tokens == expected and "".join(pieces) == tok.decode(expected, skip_special_tokens=True)
     assert main(["generate", "--backend", "executorch", str(out), "--prompt", "hello", "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out.strip() == "".join(pieces).strip()

@@ -14,7 +14,7 @@ import torch
 
 from compress.blocks import count_parameters, share_blocks
 from compress.format import save_folded
-from tests.conftest import tiny_model, tiny_tokenizer
+from tests.conftest import reference_greedy, tiny_model, tiny_tokenizer
 from export import onnx as onnx_backend
 from export.onnx import OnnxLM, export_onnx, unique_weight_bytes
 from export.parity import compare_greedy, parity_gate, torch_steps
@@ -175,14 +175,7 @@ def test_generate_streams_the_greedy_tokens(fp32, folded, capsys):
     pieces = []
     tokens = get_backend("onnx").generate(out, "hello", 12, on_token=pieces.append)
     ids = tok("hello").input_ids
-    step, expected = torch_steps(model)(), []
-    logits = step(ids)
-    for _ in range(12):
-        t = int(logits[-1].argmax())
-        if t == tok.eos_token_id:
-            break
-        expected.append(t)
-        logits = step([t])
+    expected = reference_greedy(model, ids, 12, tok.eos_token_id)
     assert tokens == expected and "".join(pieces) == tok.decode(expected, skip_special_tokens=True)
     assert main(["generate", "--backend", "onnx", str(out), "--prompt", "hello", "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out.strip() == "".join(pieces).strip()
