@@ -1,6 +1,5 @@
 """`foldgpt chat`, the host twin of the Android app, against a tiny exported .pte."""
 
-import io
 
 import pytest
 

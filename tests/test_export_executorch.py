@@ -18,8 +18,6 @@ from compress.format import save_folded
 from export.registry import ExportConfig, Precision, get_backend
 from tests.conftest import FAMILIES, reference_greedy, tiny_config, tiny_model, tiny_tokenizer
 
-pytest.importorskip("executorch")
-pytest.importorskip("torchao")
 
 from export import executorch as et_backend  # noqa: E402
 from export.executorch import export_executorch  # noqa: E402

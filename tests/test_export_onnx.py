@@ -20,7 +20,6 @@ from export.onnx import OnnxLM, export_onnx, unique_weight_bytes
 from export.parity import compare_greedy, parity_gate, torch_steps
 from export.registry import ExportConfig, Precision, get_backend
 
-pytest.importorskip("onnxruntime")
 EXPORT_DIR = Path(onnx_backend.__file__).parent
 
 

@@ -150,8 +150,7 @@ def test_weights_check_tells_unique_from_effective():
     assert weights_check(100, unique_bytes=100, effective_bytes=100)["follows_unique"] is None
 
 
-def test_onnx_runner_if_onnxruntime_is_installed(models, tmp_path):
-    pytest.importorskip("onnxruntime")
+def test_onnx_runner(models, tmp_path):
     from export.onnx import export_onnx
     from export.registry import ExportConfig
 
