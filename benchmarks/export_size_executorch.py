@@ -50,12 +50,20 @@ def parse_precision(spec: str) -> tuple[str, int | None]:
 
 
 def bench_one(model_dir: Path, spec: str, out: Path) -> dict:
-    from export.executorch import export_executorch
+    """One export and its numbers. An export the gate rejects is still measured, at the
+    temporary path the gate left it (its row says FAIL and why)."""
+    from export.executorch import GateFailed, export_executorch, measure_resident, sizes
     from export.registry import ExportConfig
 
     precision, embedding_bits = parse_precision(spec)
     start = time.perf_counter()
-    r = export_executorch(model_dir, out, ExportConfig(precision=precision, embedding_bits=embedding_bits))
+    try:
+        r = export_executorch(model_dir, out, ExportConfig(precision=precision, embedding_bits=embedding_bits))
+    except GateFailed as e:
+        r = e.report
+        files = {k: e.stage / f"{out.stem}.{k}" for k in ("pte", "ptd") if (e.stage / f"{out.stem}.{k}").is_file()}
+        r.update(sizes(files, r["unique_weight_bytes"]))
+        r["resident"] = measure_resident(files["pte"], r["unique_weight_bytes"])
     res, parity = r["resident"], r["parity"]
     return {
         "unique_weight_bytes": r["unique_weight_bytes"], "bytes_pte": r["bytes"]["pte"], "bytes_ptd": r["bytes"]["ptd"],
@@ -110,13 +118,17 @@ def to_markdown(result: dict) -> str:
 NOTE = (
     "Unique weight bytes: each unique parameter once (shared blocks and the tied embedding once) at the export "
     "precision: fp32 4 B/element; 8-bit 1 B/element + one fp32 scale per output row; 4-bit (8da4w, group 32) "
-    "0.5 B/element + one fp32 scale per group; norms fp32. int8 is 8da8w (int8 dynamic activations, int8 per-channel "
-    "weights): torchao's int8 weight-only lowers to XNNPACK with wrong logits in ExecuTorch 1.5.1. Without +emb the "
-    "tied embedding stays fp32 and the head runs outside XNNPACK on the same constant; with +emb8 the head is 8da8w "
-    "in XNNPACK and all weights go to model.ptd, where the head's int8 rows and scales are the embedding_byte table "
-    "(stored once). Resident: fresh process, anonymous growth + resident pages of the .pte/.ptd after loading and one "
-    "forward (8-token prefill + 1 decode, 1 thread), planned memory (activations + static KV cache, max_context 512) "
-    "included; weight cache = XNNPACK weight_cache_enabled (packs each named weight once and frees the unpacked copy)."
+    "0.5 B/element + one fp32 scale per group; norms fp32 (XNNPACK keeps 4-bit group scales in bf16, so 8da4w files "
+    "can come out below 1.0). int8 is 8da8w (int8 dynamic activations, int8 per-channel weights): torchao's int8 "
+    "weight-only lowers to XNNPACK with wrong logits in ExecuTorch 1.5.1. Tied embedding: without +emb it stays fp32, "
+    "one program constant read by the gather and by the head (mm outside XNNPACK, ~2x slower than an XNNPACK head); "
+    "+emb8: the head is 8da8w in XNNPACK and all weights go to model.ptd, where the head's int8 rows and scales are "
+    "the embedding_byte table (stored once on disk; in memory the gather's raw rows and XNNPACK's packed copy are both "
+    "resident); +emb4: stored twice (XNNPACK and embedding_4bit pack nibbles differently). Resident: fresh process, "
+    "anonymous growth + resident pages of the .pte/.ptd after loading and one forward (8-token prefill + 1 decode, "
+    "1 thread), planned memory (activations + static KV cache, max_context 512) included and listed apart; weight "
+    "cache = XNNPACK weight_cache_enabled (packs each named weight once, frees the unpacked bytes). Decode ms/token: "
+    "8 steps, 1 thread, on a machine shared with other jobs (rough)."
 )
 
 

@@ -30,7 +30,8 @@ Stages of `export_executorch` (each a function below):
 
 Raises FileNotFoundError / ValueError (one line) for a path that is not a model, an OUT
 that is not a .pte or lies inside the model, a precision this backend does not run, a
-context shorter than the gate's prompts, a model it cannot export, or a failed gate.
+context shorter than the gate's prompts, a model it cannot export, or a failed gate
+(`GateFailed`, a ValueError carrying the kept export's path and the report so far).
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ ATTENTION = "foldgpt_executorch_sdpa"
 MAX_SEQ_LEN = 128  # tokens per forward call (prefill chunk); the runner splits longer prompts
 GATE_NEW_TOKENS = 32
 PRECISIONS = (Precision.FP32, Precision.INT8, Precision.INT8DA4W)
+
+
+class GateFailed(ValueError):
+    """The parity gate rejected an export: it stays at `stage`; `report` holds what was measured."""
+
+    def __init__(self, message: str, stage: Path, report: dict):
+        super().__init__(message)
+        self.stage, self.report = stage, report
 
 
 @register_backend("executorch")
@@ -111,7 +120,8 @@ def export_executorch(model_dir, out, cfg: ExportConfig | None = None, measure: 
             report["seconds"]["parity"] = round(time.perf_counter() - clock, 1)
             if not gate.passed:
                 keep = True  # left for inspection; the error says where
-                raise ValueError(f"parity gate failed: {gate.reason}; export kept at {stage}, nothing written to {out}")
+                raise GateFailed(f"parity gate failed: {gate.reason}; export kept at {stage}, nothing written to {out}",
+                                 stage, report)
         report.update(sizes(files, report["unique_weight_bytes"]))
         if measure:
             clock = time.perf_counter()

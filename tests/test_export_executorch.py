@@ -225,6 +225,8 @@ def test_parity_gate_rejects_a_corrupted_export(fp32, folded, tmp_path, monkeypa
     assert "\n" not in message and not out.exists() and not (out.parent / "tokenizer.json").exists()
     kept = Path(message.split("export kept at ")[1].split(",")[0])
     assert kept.parent == out.parent and (kept / "model.pte").is_file()
+    assert isinstance(err.value, et_backend.GateFailed) and err.value.stage == kept
+    assert not err.value.report["parity"]["passed"] and err.value.report["parity"]["details"]["max_abs_diff"] > 1e-3
 
 
 def test_not_a_model_is_one_error_and_writes_nothing(tmp_path):
