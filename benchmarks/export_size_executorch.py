@@ -41,24 +41,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 PRECISIONS = ["fp32", "int8+emb8", "8da4w", "8da4w+emb8", "8da4w+emb4"]
 
 
-def parse_precision(spec: str) -> tuple[str, int | None]:
-    """'8da4w+emb8' -> ('8da4w', 8)."""
-    name, _, emb = spec.partition("+")
-    if emb and emb not in ("emb4", "emb8"):
-        raise ValueError(f"{spec!r}: the suffix is +emb4 or +emb8")
-    return name, int(emb[3:]) if emb else None
-
-
 def bench_one(model_dir: Path, spec: str, out: Path) -> dict:
     """One export and its numbers. An export the gate rejects is still measured, at the
     temporary path the gate left it (its row says FAIL and why)."""
     from export.executorch import GateFailed, export_executorch, measure_resident, sizes
     from export.registry import ExportConfig
 
-    precision, embedding_bits = parse_precision(spec)
     start = time.perf_counter()
     try:
-        r = export_executorch(model_dir, out, ExportConfig(precision=precision, embedding_bits=embedding_bits))
+        r = export_executorch(model_dir, out, ExportConfig.from_spec(spec))
     except GateFailed as e:
         r = e.report
         files = {k: e.stage / f"{out.stem}.{k}" for k in ("pte", "ptd") if (e.stage / f"{out.stem}.{k}").is_file()}

@@ -12,7 +12,7 @@ the adjacent pair of groups whose best candidate costs least.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from compress.adapter import get_adapter
 from compress.blocks import count_parameters, fold_info, remove_blocks, share_blocks
 from compress.importance import GateConfig, GateResult, learn_gates
+from compress.methods import DEFAULT_HEAL_MINUTES, register_method
 
 MEAN = "mean"
 
@@ -90,15 +91,19 @@ def fold(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> tuple[nn.Mod
         gates = learn_gates(model, calib, gate_cfg)
         remove_blocks(model, gates.closed)
     removed = list(fold_info(model)["provenance"]["removed_blocks"])
-    groups = plan_groups(model, calib, cfg)
+    scorer = ShareScorer(model, calib, cfg)
+    groups = plan_groups(model, scorer, cfg)
     schedule = [b for b, g in enumerate(groups) for _ in g]
+    # every choice is scored on the unchanged model first, then all are installed
+    choices = {b: scorer.best(depths) for b, depths in enumerate(tqdm(groups, desc="choosing shared weights"))
+               if len(depths) > 1}
     scores: dict[str, float] = {}
     sources: dict[int, str] = {}
-    for b, depths in enumerate(tqdm(groups, desc="choosing shared weights")):
-        if len(depths) == 1:
+    for b, depths in enumerate(groups):
+        if b not in choices:
             sources[b] = f"depth {depths[0]}"
             continue
-        best, table = best_candidate(model, calib, depths, cfg)
+        best, table = choices[b]
         scores.update({f"{depths}:{k}": v for k, v in table.items()})
         _install(model, depths, best)
         sources[b] = best if best == MEAN else f"depth {best}"
@@ -114,24 +119,27 @@ def fold(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> tuple[nn.Mod
     return model, FoldReport(gates, removed, schedule, sources, scores, params)
 
 
-def plan_groups(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> list[list[int]]:
+@register_method("foldgpt", FoldConfig, heal_minutes=DEFAULT_HEAL_MINUTES, configured_by_fold=True)
+def fold_method(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> tuple[nn.Module, dict]:
+    """`fold` behind the methods interface (compress.methods): the report as a dict."""
+    model, report = fold(model, calib, cfg)
+    return model, asdict(report)
+
+
+def plan_groups(model: nn.Module, scorer: "ShareScorer", cfg: FoldConfig) -> list[list[int]]:
     """Partition depths 0..n-1 into runs of adjacent depths."""
     n = len(get_adapter(model).get_layers(model))
     if cfg.num_unique_blocks is None:
         size = cfg.group_size or 1
         return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
     groups = [[d] for d in range(n)]
-    cost: dict[tuple[int, ...], float] = {}
     with tqdm(total=n - cfg.num_unique_blocks, desc="planning shared groups") as bar:
         while len(groups) > cfg.num_unique_blocks:
             options = []
             for i in range(len(groups) - 1):
-                merged = tuple(groups[i] + groups[i + 1])
-                if len(merged) > cfg.max_group_size:
-                    continue
-                if merged not in cost:
-                    cost[merged] = min(best_candidate(model, calib, list(merged), cfg)[1].values())
-                options.append((cost[merged], i))
+                merged = groups[i] + groups[i + 1]
+                if len(merged) <= cfg.max_group_size:
+                    options.append((min(scorer.best(merged)[1].values()), i))
             _, i = min(options)
             groups[i : i + 2] = [groups[i] + groups[i + 1]]
             bar.update(1)
@@ -140,21 +148,71 @@ def plan_groups(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> list[
 
 def best_candidate(model: nn.Module, calib: torch.Tensor, depths: list[int], cfg: FoldConfig) -> tuple[int | str, dict]:
     """Score each candidate set of shared weights for `depths`; returns (best, {candidate: KL})."""
-    candidates: list[int | str] = list(depths) + ([MEAN] if cfg.merge_candidates else [])
-    batches = _score_batches(calib, cfg)
-    with torch.no_grad():
-        reference = [F.log_softmax(model(b).logits.float(), -1) for b in batches]
-        table = {}
-        for cand in candidates:
-            with _swapped(model, depths, cand):
-                kl = sum(
-                    F.kl_div(F.log_softmax(model(b).logits.float(), -1).flatten(0, 1), ref.flatten(0, 1),
-                             log_target=True, reduction="batchmean").item()
-                    for b, ref in zip(batches, reference)
-                ) / len(batches)
-            table[str(cand)] = kl
-    best = min(table, key=table.get)
-    return (int(best) if best != MEAN else MEAN), table
+    return ShareScorer(model, calib, cfg).best(depths)
+
+
+class ShareScorer:
+    """KL(unchanged model || model with one group sharing a candidate's weights) on fixed
+    calibration batches, memoised per group.
+
+    The input of every depth (hidden states and the layer's own keyword arguments: mask,
+    rotary embeddings) is captured once from the unchanged model. Installing a candidate
+    in a group that starts at depth d leaves depths < d untouched, so a score reruns
+    only depths d..n-1, the final norm and the head: about half a forward on average
+    instead of a whole one. All scores refer to the unchanged model, so score before
+    installing anything.
+    """
+
+    def __init__(self, model: nn.Module, calib: torch.Tensor, cfg: FoldConfig):
+        self.model, self.cfg = model, cfg
+        self.adapter = get_adapter(model)
+        self.layers = self.adapter.get_layers(model)
+        self.memo: dict[tuple[int, ...], tuple[int | str, dict]] = {}
+        self.inputs: list[list[tuple[tuple, dict]]] = []  # batch -> depth -> (args, kwargs)
+        self.reference: list[torch.Tensor] = []
+        for batch in _score_batches(calib, cfg):
+            seen: list[tuple[tuple, dict]] = []
+            hooks = [layer.register_forward_pre_hook(lambda _m, a, k: seen.append((a, dict(k))), with_kwargs=True)
+                     for layer in self.layers]
+            try:
+                with torch.no_grad():
+                    logits = model(batch, use_cache=False).logits
+            finally:
+                for h in hooks:
+                    h.remove()
+            self.inputs.append(seen)
+            self.reference.append(F.log_softmax(logits.float(), -1))
+
+    @torch.no_grad()
+    def tail_logits(self, batch: int, start: int) -> torch.Tensor:
+        """Logits of depths start..n-1 run on depth `start`'s captured input."""
+        args, kwargs = self.inputs[batch][start]
+        h = args[0] if args else kwargs.pop("hidden_states")
+        for depth in range(start, len(self.layers)):
+            a, k = self.inputs[batch][depth]
+            k = {key: v for key, v in k.items() if key != "hidden_states"}
+            out = self.layers[depth](h, *a[1:], **k)
+            h = out[0] if isinstance(out, tuple) else out
+        logits = self.adapter.get_lm_head(self.model)(self.adapter.get_final_norm(self.model)(h))
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+    def best(self, depths: list[int]) -> tuple[int | str, dict]:
+        """(best candidate, {candidate: KL}) for sharing one set of weights across `depths`."""
+        key = tuple(depths)
+        if key not in self.memo:
+            candidates: list[int | str] = list(depths) + ([MEAN] if self.cfg.merge_candidates else [])
+            table = {}
+            for cand in candidates:
+                with _swapped(self.model, depths, cand):
+                    table[str(cand)] = sum(
+                        F.kl_div(F.log_softmax(self.tail_logits(b, depths[0]).float(), -1).flatten(0, 1),
+                                 ref.flatten(0, 1), log_target=True, reduction="batchmean").item()
+                        for b, ref in enumerate(self.reference)
+                    ) / len(self.reference)
+            best = min(table, key=table.get)
+            self.memo[key] = (int(best) if best != MEAN else MEAN), table
+        return self.memo[key]
 
 
 def _score_batches(calib: torch.Tensor, cfg: FoldConfig) -> list[torch.Tensor]:

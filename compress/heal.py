@@ -4,7 +4,8 @@ per-depth norms, with loss
     cross-entropy(next token) + distill_weight * tail-layer distillation from the dense model
 
 where the tail distillation matches the final hidden state (MSE), the logits
-(KL at a temperature), or both. Norm weights get their own, larger learning rate:
+(KL at a temperature), both, or nothing (`distill="none"`: plain continued pretraining,
+as LayerChop heals; no teacher is needed then). Norm weights get their own, larger learning rate:
 they are the only per-depth knobs a shared block has ("layernorm re-adaptation").
 
 Runs on accelerate, so `accelerate launch` with an FSDP config scales the same loop to
@@ -39,6 +40,7 @@ class Distill(str, Enum):
     HIDDEN = "hidden"
     LOGITS = "logits"
     BOTH = "both"
+    NONE = "none"  # next-token loss only
 
 
 @dataclass
@@ -57,6 +59,7 @@ class HealConfig:
     temperature: float = 2.0  # for logit distillation
     lora_rank: int = 0  # 0: full fine-tune of the blocks; >0: LoRA on each shared Linear
     lora_alpha: float = 16.0
+    train_embeddings: bool = False  # also train the (tied) embedding / head: every weight, as LayerChop does
     checkpoint_every: int = 25
     seed: int = 0
 
@@ -82,19 +85,22 @@ class HealState:
     losses: list[dict] = field(default_factory=list)
 
 
-def heal(model: nn.Module, teacher: nn.Module, data: torch.Tensor, cfg: HealConfig, work_dir: str | os.PathLike,
+def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: HealConfig, work_dir: str | os.PathLike,
          resume: bool = False) -> tuple[nn.Module, HealState]:
     """Fine-tune `model` (folded) towards `teacher` (dense) on `data` (LongTensor [n, seq]).
 
     Returns the healed model (sharing intact, LoRA merged) and the final progress state.
-    Raises ValueError for empty data or a teacher whose vocabulary differs.
+    `teacher` may be None when `cfg.distill` is "none".
+    Raises ValueError for empty data, a missing teacher, or a teacher whose vocabulary differs.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     if data.ndim != 2 or len(data) == 0:
         raise ValueError(f"healing data must be a non-empty (n, seq) tensor, got shape {tuple(data.shape)}")
-    if teacher.config.vocab_size != model.config.vocab_size:
+    if teacher is None and cfg.distill is not Distill.NONE:
+        raise ValueError(f"distill={cfg.distill.value} needs a teacher model")
+    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
         raise ValueError("teacher and student vocabularies differ")
     work = Path(work_dir)
     ckpt = work / "checkpoint"
@@ -107,7 +113,8 @@ def heal(model: nn.Module, teacher: nn.Module, data: torch.Tensor, cfg: HealConf
         g["base_lr"] = g["lr"]
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, optimizer = accelerator.prepare(model, optimizer)
-    teacher = teacher.to(accelerator.device).eval()
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device).eval()
     state = HealState()
     if resume and (ckpt / "progress.json").is_file():
         accelerator.load_state(str(ckpt))
@@ -152,6 +159,8 @@ def heal(model: nn.Module, teacher: nn.Module, data: torch.Tensor, cfg: HealConf
 def _step(model, teacher, batch, cfg: HealConfig) -> dict[str, torch.Tensor]:
     hidden = cfg.distill in (Distill.HIDDEN, Distill.BOTH)
     out = model(input_ids=batch, labels=batch, output_hidden_states=hidden)
+    if cfg.distill is Distill.NONE:
+        return {"ce": out.loss, "loss": out.loss}
     with torch.no_grad():
         ref = teacher(input_ids=batch, output_hidden_states=hidden)
     terms = {"ce": out.loss}
@@ -233,7 +242,8 @@ def _save_checkpoint(accelerator, ckpt: Path, state: HealState) -> None:
 def _param_groups(model: nn.Module, cfg: HealConfig, lora: list[nn.Module]) -> list[dict]:
     """Trainable: every decoder block (shared weights + per-depth norms) and the final
     norm; LoRA factors instead of the block weights when lora_rank > 0. The tied
-    embedding/head stays frozen: it is a fifth of the model and shared with the dense teacher's vocabulary."""
+    embedding/head stays frozen unless `train_embeddings`: it is a fifth of the model and
+    shared with the dense teacher's vocabulary."""
     adapter = get_adapter(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -249,6 +259,9 @@ def _param_groups(model: nn.Module, cfg: HealConfig, lora: list[nn.Module]) -> l
                     weights.append(p)
     norms += list(adapter.get_final_norm(model).parameters())
     weights += [p for m in lora for p in m.parameters()]
+    if cfg.train_embeddings:
+        head = [adapter.get_embed(model).weight, adapter.get_lm_head(model).weight]
+        weights += list({id(p): p for p in head}.values())  # a tied embedding and head: once
     for p in norms + weights:
         p.requires_grad_(True)
     return [{"params": weights, "lr": cfg.lr}, {"params": norms, "lr": cfg.norm_lr, "weight_decay": 0.0}]

@@ -1,8 +1,10 @@
-"""`foldgpt compress`: the FoldGPT recipe as resumable stages.
+"""`foldgpt compress`: the FoldGPT recipe (or a peer method) as resumable stages.
 
     1. data      calibration + healing sequences        work/calib.pt, work/heal.pt
-    2. fold      gates -> removal -> shared groups      work/folded/ (uncured), work/fold_report.json
-    3. cure      fine-tune + tail distillation          work/cure/checkpoint (resumable)
+    2. fold      the method: FoldGPT's gates -> removal  work/folded/ (uncured), work/fold_report.json
+                 -> shared groups, or a peer's removal
+                 (compress.methods)
+    3. cure      fine-tune (the method's kind of cure)  work/cure/checkpoint (resumable)
     4. eval      optional metrics vs the dense model    OUT/eval.json, config.fold.provenance.metrics
     5. save      the folded model with provenance       OUT/
 
@@ -25,10 +27,13 @@ import torch
 
 from compress.adapter import get_adapter
 from compress.data import DataConfig, build_sequences
-from compress.fold import FoldConfig, fold
+from compress.fold import FoldConfig
 from compress.format import load_folded, save_folded
 from compress.heal import HealConfig, heal
 from compress.load import load_model
+from compress.methods import get_method, heal_config
+
+METHOD_DEFAULT = "method default"
 
 
 @dataclass
@@ -38,8 +43,10 @@ class CompressConfig:
     dtype: str = "float32"
     calib: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=32, seq_len=256))
     heal_data: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=192, seq_len=256, seed=1))
-    fold: FoldConfig = field(default_factory=FoldConfig)
-    heal: HealConfig | None = field(default_factory=lambda: HealConfig(max_minutes=20))
+    fold: FoldConfig = field(default_factory=FoldConfig)  # FoldGPT's settings; a peer takes removal_rate from it
+    method: str = "foldgpt"  # compress.methods: foldgpt, shortgpt, streamline, layerchop, sleb
+    peer: object | None = None  # a peer method's config (None: its defaults)
+    heal: HealConfig | None | str = METHOD_DEFAULT  # None: no cure; default: the method's (compress.methods)
     eval: object | None = None  # compress.evaluate.EvalConfig
     eval_reference: dict | None = None  # the dense model's evaluate() result, if already measured
     work_dir: str | None = None  # default: OUT + ".work"
@@ -50,6 +57,24 @@ class CompressConfig:
         src = Path(self.model).resolve()
         if src.exists() and (out == src or src in out.parents):
             raise ValueError(f"output {out} is inside the source model {src}")
+        method = get_method(self.method)
+        if method.configured_by_fold and self.peer is not None:
+            raise ValueError(f"method {self.method} is configured by fold, not peer")
+        if not method.configured_by_fold:
+            self.peer = self.peer if self.peer is not None else method.config()
+            if not isinstance(self.peer, method.config):
+                raise ValueError(f"method {self.method} takes a {method.config.__name__}, not {type(self.peer).__name__}")
+        if isinstance(self.heal, str):
+            if self.heal != METHOD_DEFAULT:
+                raise ValueError(f"heal must be a HealConfig, None or {METHOD_DEFAULT!r}, got {self.heal!r}")
+            self.heal = heal_config(self.method)
+
+    def method_config(self, num_layers: int):
+        """The chosen method's config with its removal count resolved; ValueError if the
+        count does not fit a model of `num_layers` blocks."""
+        cfg = self.fold if self.peer is None else self.peer.resolved(self.fold.num_remove(num_layers))
+        cfg.check(num_layers)
+        return cfg
 
     @property
     def work(self) -> Path:
@@ -95,7 +120,7 @@ def compress(cfg: CompressConfig) -> Path:
         raise ValueError(f"{work} exists from an earlier run; pass --resume to continue it, or choose another --out")
     work.mkdir(parents=True, exist_ok=True)
     dense, tokenizer = load_model(cfg.model, cfg.dtype)
-    cfg.fold.check(len(get_adapter(dense).get_layers(dense)))
+    method_cfg = cfg.method_config(len(get_adapter(dense).get_layers(dense)))
     timings: dict[str, float] = {}
 
     # 1. data
@@ -111,10 +136,12 @@ def compress(cfg: CompressConfig) -> Path:
     # 2. fold
     t = time.monotonic()
     fold_settings = {**data_settings, "fold": asdict(cfg.fold)}
+    if cfg.peer is not None:  # FoldGPT's settings keep their old form, so its work dirs still resume
+        fold_settings.update(method=cfg.method, peer=asdict(method_cfg))
     if not _claim_stage(work, "fold", fold_settings):
-        student, report = fold(copy.deepcopy(dense), calib, cfg.fold)
-        save_folded(student, work / "folded", tokenizer, provenance={"source": cfg.model, "method": "foldgpt"})
-        _write_json(work / "fold_report.json", asdict(report))
+        student, report = run_method(cfg.method, copy.deepcopy(dense), calib, method_cfg)
+        save_folded(student, work / "folded", tokenizer, provenance={"source": cfg.model, "method": cfg.method})
+        _write_json(work / "fold_report.json", report)
         _finish_stage(work, "fold")
     student, _ = load_folded(work / "folded")
     report = json.loads((work / "fold_report.json").read_text())
@@ -124,7 +151,7 @@ def compress(cfg: CompressConfig) -> Path:
     heal_state = None
     if cfg.heal is not None:
         t = time.monotonic()
-        _claim_stage(work, "cure", {**fold_settings, "heal": asdict(cfg.heal)})
+        _claim_stage(work, "cure", {**fold_settings, "heal": _heal_settings(cfg.heal)})
         student, heal_state = heal(student, dense, heal_seqs, cfg.heal, work / "cure", resume=True)
         _finish_stage(work, "cure")
         timings["cure_s"] = time.monotonic() - t
@@ -138,18 +165,24 @@ def compress(cfg: CompressConfig) -> Path:
         metrics["folded"] = evaluate(student, tokenizer, cfg.eval, reference=metrics["dense"])
 
     # 5. save
-    provenance = {
-        "source": cfg.model, "method": "foldgpt",
-        "removal_rate": cfg.fold.removal_rate, "group_size": cfg.fold.group_size,
-        "num_unique_blocks": cfg.fold.num_unique_blocks,
-        "gates": (report.get("gates") or {}).get("gates"), "share_sources": report["sources"],
+    if cfg.peer is None:
+        provenance = {
+            "source": cfg.model, "method": cfg.method,
+            "removal_rate": cfg.fold.removal_rate, "group_size": cfg.fold.group_size,
+            "num_unique_blocks": cfg.fold.num_unique_blocks,
+            "gates": (report.get("gates") or {}).get("gates"), "share_sources": report["sources"],
+        }
+    else:
+        provenance = {"source": cfg.model, "method": cfg.method, "removal_rate": cfg.fold.removal_rate,
+                      "method_config": asdict(method_cfg), "method_report": report}
+    provenance.update({
         "params": report["params"],
         "cure": None if heal_state is None else {
             "steps": heal_state.step, "tokens": heal_state.tokens, "seconds": round(heal_state.seconds, 1),
             "final_loss": heal_state.losses[-1] if heal_state.losses else None,
         },
         "timings": {k: round(v, 1) for k, v in timings.items()},
-    }
+    })
     if metrics is not None:
         provenance["metrics"] = summary_metrics(metrics)
     out = save_folded(student, cfg.out, tokenizer, provenance=provenance)
@@ -158,6 +191,20 @@ def compress(cfg: CompressConfig) -> Path:
     if metrics is not None:
         _write_json(out / "eval.json", metrics)
     return out
+
+
+def run_method(name: str, model, calib: torch.Tensor, cfg) -> tuple[object, dict]:
+    """The fold stage's work: method `name` on `model` (edited in place)."""
+    return get_method(name).run(model, calib, cfg)
+
+
+def _heal_settings(heal_cfg: HealConfig) -> dict:
+    """The cure's settings for the work-dir key; `train_embeddings` (added later) only
+    when set, so work dirs made before it still resume."""
+    settings = asdict(heal_cfg)
+    if not settings["train_embeddings"]:
+        del settings["train_embeddings"]
+    return settings
 
 
 def summary_metrics(metrics):

@@ -63,8 +63,8 @@ class GateFailed(ValueError):
 
 @register_backend("executorch")
 class ExecuTorchBackend:
-    def export(self, model_dir, out, cfg: ExportConfig) -> dict:
-        return export_executorch(model_dir, out, cfg)
+    def export(self, model_dir, out, cfg: ExportConfig, measure: bool = True) -> dict:
+        return export_executorch(model_dir, out, cfg, measure=measure)
 
     def generate(self, artifact, prompt: str, max_new_tokens: int, on_token=None) -> list[int]:
         return generate(artifact, prompt, max_new_tokens, on_token)

@@ -162,13 +162,20 @@ class PteLM:
     def step(self, token: int) -> np.ndarray:
         return self._forward([int(token)])
 
-    def generate(self, ids: Sequence[int], max_new_tokens: int, on_token: Callable[[int], None] | None = None) -> list[int]:
-        """Greedy decode after a fresh prefill of `ids`; stops on an EOS id or a full cache."""
+    def generate(self, ids: Sequence[int], max_new_tokens: int, on_token: Callable[[int], None] | None = None,
+                 stats: dict | None = None) -> list[int]:
+        """Greedy decode after a fresh prefill of `ids`; stops on an EOS id or a full cache.
+        `stats`, if given, receives prefill_s, decode_s and stopped_on_eos (what the app shows)."""
+        import time
+
         self.reset()
-        logits, new = self.prefill(ids), []
+        t0 = time.perf_counter()
+        logits, new, eos = self.prefill(ids), [], False
+        t1 = time.perf_counter()
         while len(new) < max_new_tokens:
             token = int(logits.argmax())
             if token in self.eos_ids:
+                eos = True
                 break
             new.append(token)
             if on_token is not None:
@@ -176,6 +183,8 @@ class PteLM:
             if self.position >= self.max_context:
                 break
             logits = self.step(token)
+        if stats is not None:
+            stats.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, stopped_on_eos=eos)
         return new
 
     # ------------------------------------------------------------------ parity

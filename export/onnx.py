@@ -55,8 +55,8 @@ INSTALL_HINT = "pip install 'onnx>=1.23,<1.24' 'onnxruntime>=1.32,<1.33' 'onnxsc
 class OnnxBackend:
     """`foldgpt export onnx` / `foldgpt generate --backend onnx`: thin wrappers of the functions below."""
 
-    def export(self, model_dir, out, cfg: ExportConfig) -> dict:
-        return export_onnx(model_dir, out, cfg)
+    def export(self, model_dir, out, cfg: ExportConfig, measure: bool = True) -> dict:
+        return export_onnx(model_dir, out, cfg, measure=measure)
 
     def generate(self, artifact, prompt: str, max_new_tokens: int, on_token=None) -> list[int]:
         return generate(artifact, prompt, max_new_tokens, on_token)

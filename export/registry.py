@@ -2,7 +2,9 @@
 
 A backend is a class with
     name: str
-    export(model_dir: Path, out: Path, cfg: ExportConfig) -> dict    # writes `out`, returns a report
+    export(model_dir: Path, out: Path, cfg: ExportConfig, measure=True) -> dict
+        writes `out`, returns a report; measure=False skips the size/memory probes
+        (a caller that runs the memory harness anyway)
     generate(artifact: Path, prompt: str, max_new_tokens: int, on_token=None) -> list[int]
 Heavy dependencies are imported inside the backend's methods, so importing the
 registry (and the CLI) stays cheap and a missing package becomes an install hint.
@@ -42,6 +44,15 @@ class ExportConfig:
             raise ValueError(f"max_context must be at least 2, got {self.max_context}")
         if self.embedding_bits not in (None, 4, 8):
             raise ValueError(f"embedding_bits must be 4 or 8, got {self.embedding_bits}")
+
+    @classmethod
+    def from_spec(cls, spec: str, **kwargs) -> "ExportConfig":
+        """'8da4w+emb8' -> precision 8da4w with the tied embedding (and head) in 8 bits: the one
+        string a benchmark row, a pipeline export and a report key share."""
+        name, _, emb = spec.partition("+")
+        if emb and emb not in ("emb4", "emb8"):
+            raise ValueError(f"precision {spec!r}: the only suffixes are +emb4 and +emb8")
+        return cls(precision=name, embedding_bits=int(emb[3:]) if emb else None, **kwargs)
 
 
 _BACKENDS: dict[str, type] = {}

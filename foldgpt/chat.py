@@ -11,7 +11,6 @@ Kotlin constant is checked against (android_demo/prompt_template.txt).
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -46,25 +45,11 @@ def chat_turn(lm, prompt: str, max_new_tokens: int = 128, on_text: Callable[[str
     if len(ids) >= lm.max_context:
         raise ValueError(f"the prompt is {len(ids)} tokens; the program's context is {lm.max_context}")
     stream, _ = lm.stream_text(on_text) if on_text is not None else (None, None)
-    lm.reset()
-    t0 = time.perf_counter()
-    logits = lm.prefill(ids)
-    prefill_s = time.perf_counter() - t0
-    new, eos = [], False
-    t1 = time.perf_counter()
-    while len(new) < max_new_tokens:
-        token = int(logits.argmax())
-        if token in lm.eos_ids:
-            eos = True
-            break
-        new.append(token)
-        if stream is not None:
-            stream(token)
-        if lm.position >= lm.max_context:
-            break
-        logits = lm.step(token)
-    decode_s = time.perf_counter() - t1
-    return ChatTurn(new, lm.decode(new), len(ids), prefill_s, len(new) / decode_s if decode_s > 0 else 0.0, eos)
+    stats: dict = {}
+    new = lm.generate(ids, max_new_tokens, on_token=stream, stats=stats)
+    decode_s = stats["decode_s"]
+    return ChatTurn(new, lm.decode(new), len(ids), stats["prefill_s"], len(new) / decode_s if decode_s > 0 else 0.0,
+                    stats["stopped_on_eos"])
 
 
 def chat(pte: str | Path, prompts: Iterable[str] | None = None, max_new_tokens: int = 128, out=None) -> list[ChatTurn]:

@@ -36,8 +36,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from foldgpt.pipeline import RunConfig, run
 
+    from foldgpt.pipeline import DEFAULT_EXPORTS, parse_exports
+
+    exports = parse_exports(args.exports) if args.exports else DEFAULT_EXPORTS
     run(RunConfig(model=args.model, dtype=args.dtype, out=args.out, heal_minutes=args.heal_minutes,
-                  bench=not args.no_bench, profile=args.profile))
+                  bench=not args.no_bench, profile=args.profile, exports=exports))
     return 0
 
 
@@ -61,23 +64,24 @@ def _name_path(spec: str) -> tuple[str, str]:
 def cmd_compress(args: argparse.Namespace) -> int:
     from compress.data import DataConfig
     from compress.fold import FoldConfig
-    from compress.heal import HealConfig
     from compress.importance import GateConfig
+    from compress.methods import heal_config, method_config
     from compress.recipe import CompressConfig, compress
 
-    budgets = dict(max_minutes=args.heal_minutes, max_steps=args.heal_steps, max_tokens=args.heal_tokens)
-    if not args.no_heal and all(v is None for v in budgets.values()):
-        budgets["max_minutes"] = 20.0
+    budget = dict(max_minutes=args.heal_minutes, max_steps=args.heal_steps, max_tokens=args.heal_tokens)
+    peer = method_config(args.method, num_remove=args.num_remove, span=args.span, replacement=args.replacement,
+                         placement=args.placement, train_steps=args.train_steps, train_minutes=args.train_minutes)
     cfg = CompressConfig(
         out=args.out, model=args.model, dtype=args.dtype, resume=args.resume, work_dir=args.work_dir,
+        method=args.method, peer=peer,
         calib=DataConfig(source=args.data, seq_len=args.seq_len, num_sequences=args.calib_sequences, seed=args.seed),
         heal_data=DataConfig(source=args.data, seq_len=args.seq_len, num_sequences=args.heal_sequences, seed=args.seed + 1),
         fold=FoldConfig(removal_rate=args.removal_rate,
                         group_size=None if args.unique_blocks else args.group_size,
                         num_unique_blocks=args.unique_blocks,
                         gate=GateConfig(num_remove=0, steps=args.gate_steps, seed=args.seed)),
-        heal=None if args.no_heal else HealConfig(**budgets, lora_rank=args.lora_rank, distill=args.distill,
-                                                  batch_size=args.batch_size, seed=args.seed),
+        heal=None if args.no_heal else heal_config(args.method, budget, lora_rank=args.lora_rank, distill=args.distill,
+                                                   batch_size=args.batch_size, seed=args.seed),
         eval=_eval_config(args),
     )
     out = compress(cfg)
@@ -177,17 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: as stored; GGUF: float32)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("compress", help="fold a model: gates, removal, shared groups, cure")
+    p = sub.add_parser("compress", help="fold a model: gates, removal, shared groups, cure (or a peer method)")
     p.add_argument("--model", default="default", help="source model (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="output directory for the folded model")
+    p.add_argument("--method", default="foldgpt", help="foldgpt, shortgpt, streamline, layerchop or sleb")
     p.add_argument("--removal-rate", type=float, default=0.2, help="fraction of decoder blocks to remove, in [0, 1)")
+    p.add_argument("--num-remove", type=int, default=None, help="shortgpt, layerchop, sleb: blocks to remove, instead of --removal-rate")
+    p.add_argument("--span", type=int, default=None, help="streamline: consecutive blocks replaced by one (default: removed + 1)")
+    p.add_argument("--replacement", default=None, help="streamline: what replaces the span (layer)")
+    p.add_argument("--train-steps", type=int, default=None, help="streamline: replacement training steps (default 200)")
+    p.add_argument("--train-minutes", type=float, default=None, help="streamline: replacement training budget in minutes")
+    p.add_argument("--placement", default=None, help="layerchop: which blocks go: last (default), middle or first")
     p.add_argument("--group-size", type=int, default=2, help="adjacent retained blocks per shared group")
     p.add_argument("--unique-blocks", type=int, default=None, help="instead of --group-size: unique blocks to keep")
-    p.add_argument("--heal-minutes", type=float, default=None, help="cure budget in minutes")
+    p.add_argument("--heal-minutes", type=float, default=None,
+                   help="cure budget in minutes (default: foldgpt and layerchop 20, the others no cure)")
     p.add_argument("--heal-steps", type=int, default=None, help="cure budget in optimizer steps")
     p.add_argument("--heal-tokens", type=int, default=None, help="cure budget in training tokens")
     p.add_argument("--no-heal", action="store_true", help="skip the cure")
-    p.add_argument("--distill", default="hidden", help="tail distillation target: hidden, logits or both")
+    p.add_argument("--distill", default=None,
+                   help="cure's distillation target: hidden, logits, both or none (default: hidden; layerchop none)")
     p.add_argument("--lora-rank", type=int, default=0, help="cure with LoRA of this rank instead of full fine-tune")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--data", default="self", help="'self' (text generated by the model), or a .txt/.jsonl/.parquet file, or a dataset name")
@@ -252,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/main", help="everything the run makes; rerun to resume")
     p.add_argument("--heal-minutes", type=float, default=5.0)
     p.add_argument("--profile", default=None, help="phone profile for the harnesses")
+    p.add_argument("--exports", default=None,
+                   help="BACKEND:PRECISION list (default: onnx:fp32,executorch:8da4w+emb8), e.g. onnx:int4,executorch:fp32")
     p.add_argument("--no-bench", action="store_true", help="stop after the exports")
     p.set_defaults(func=cmd_run)
     return parser

@@ -31,8 +31,14 @@ from runtime_tests.memory import artifact_bytes, weight_bytes, weights_check
 from runtime_tests.profiles import DEFAULT_PROFILE, check_cores, load_profile
 
 MB = 1 << 20
-# stored bytes per weight at an export precision (int4: 4 bits + one fp32 scale per 32)
-BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.625, "8da4w": 0.625}
+# stored bytes per weight at an export precision (int4: 4 bits + one fp32 scale per 32;
+# GGUF q4_1: 4 bits + fp16 scale and minimum per 32). A "+emb8"/"+emb4" suffix (embedding
+# quantized too) is read by its base precision: the roofline counts the blocks' weights.
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.625, "8da4w": 0.625, "q4_1": 0.625}
+
+
+def bytes_per_param(precision: str) -> float:
+    return BYTES_PER_PARAM[precision.partition("+")[0]]
 
 
 @dataclass
@@ -60,7 +66,7 @@ class BenchConfig:
                 backend, _, precision = key.partition(":")
                 if backend not in RUNNERS:
                     raise ValueError(f"artifact {key!r}: unknown backend {backend!r}; known: {', '.join(sorted(RUNNERS))}")
-                if (precision or "fp32") not in BYTES_PER_PARAM:
+                if (precision or "fp32").partition("+")[0] not in BYTES_PER_PARAM:
                     raise ValueError(f"artifact {key!r}: unknown precision; known: {', '.join(BYTES_PER_PARAM)}")
         if self.repeats < 1 or self.decode_tokens < 1 or not self.prompt_lengths:
             raise ValueError("repeats and decode_tokens must be at least 1, and prompt_lengths non-empty")
@@ -141,7 +147,7 @@ def measure_one(name: str, backend: str, precision: str, path: str, info: dict, 
         run.update(status="missing", message=f"{path}: no such artifact (export it first)")
         return run
     shape = info["shape_obj"]
-    bpp = BYTES_PER_PARAM[precision]
+    bpp = bytes_per_param(precision)
     max_ctx = max(cfg.prompt_lengths) + cfg.decode_tokens
     run["sizes"] = {"artifact_bytes": artifact_bytes(path), "weight_file_bytes": weight_bytes(path),
                     "kv_cache_bytes_at": {str(n): int(shape.kv_bytes(n)) for n in (*cfg.prompt_lengths, max_ctx)}}
@@ -171,7 +177,7 @@ def project(shape, precision: str, run: dict, profile, host_gbs: float | None, c
     """Roofline projections at the decode context actually measured (prompt + half the decode)."""
     lat = run.get("latency") or {}
     context = int(lat.get("decode_after_prompt", min(cfg.prompt_lengths)) + lat.get("decode_tokens", cfg.decode_tokens) / 2)
-    bpp = BYTES_PER_PARAM[precision]
+    bpp = bytes_per_param(precision)
     out = {"target": project_decode(shape, profile.memory_bandwidth_gbs, profile.llc_mb, bpp, context)}
     out["target"]["device"] = profile.name
     if host_gbs:
@@ -197,6 +203,14 @@ def ratios(result: dict) -> dict:
         target = models[dense]["depth"] / models[name]["depth"] * 0.95
         out[f"{name}/{backend}:{precision}"] = {"decode_speedup_vs_dense": round(tps / base, 3),
                                                 "target": round(target, 3), "meets_target": tps / base >= target}
+    # the peer: llama.cpp on the dense model, 4-bit, same cores; each 4-bit export is compared with it
+    peer = next(((k, v) for k, v in speed.items() if k[0] == dense and k[1] == "llamacpp" and v), None)
+    if peer is not None:
+        (_, _, peer_precision), peer_tps = peer
+        for (name, backend, precision), tps in speed.items():
+            if backend != "llamacpp" and bytes_per_param(precision) < 1 and tps:
+                out[f"{name}/{backend}:{precision} vs dense/llamacpp:{peer_precision}"] = {
+                    "decode_speed_vs_llamacpp": round(tps / peer_tps, 3), "target": 1.0, "meets_target": tps >= peer_tps}
     return out
 
 

@@ -8,6 +8,8 @@ Runners are thin adapters over what each backend already has:
     torch       compress.format.load_folded + a transformers DynamicCache (eager)
     onnx        export.onnx.OnnxLM (one session, explicit past/present tensors)
     executorch  export.executorch_runtime.PteLM (static KV cache, prefill/step)
+    llamacpp    llama-cpp-python on a GGUF file: the peer a phone app would otherwise ship
+                (optional: `pip install llama-cpp-python`, which builds llama.cpp from source)
 
     result = measure_latency(make_runner("torch", "runs/folded", threads=2))
 
@@ -120,10 +122,53 @@ class PteRunner:
         return self.lm.step(int(token))
 
 
-RUNNERS: dict[str, Callable[..., Runner]] = {"torch": TorchRunner, "onnx": OnnxRunner, "executorch": PteRunner}
+class LlamaCppRunner:
+    """llama.cpp (through llama-cpp-python) on a .gguf file, n_threads = n_threads_batch = threads.
+
+    Logits of the last evaluated position only (logits_all off), as llama.cpp's own
+    generate loop runs; the context is sized for the harness's longest prompt + decode."""
+
+    def __init__(self, artifact, threads: int | None = None, n_ctx: int = 1024):
+        from pathlib import Path
+
+        try:
+            from llama_cpp import Llama
+        except ImportError as e:
+            raise RuntimeError("the llamacpp runtime needs llama-cpp-python: pip install llama-cpp-python") from e
+        if Path(artifact).suffix != ".gguf" or not Path(artifact).is_file():
+            raise FileNotFoundError(f"{artifact}: not a .gguf file")
+        threads = threads or 1
+        self.llm = Llama(str(artifact), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                         logits_all=False, verbose=False)
+        self.vocab_size = self.llm.n_vocab()
+        self.max_context = n_ctx
+
+    def reset(self) -> None:
+        self.llm.reset()
+
+    def _eval(self, ids: list[int]) -> np.ndarray:
+        self.llm.eval(ids)
+        return np.asarray(self.llm.scores[self.llm.n_tokens - 1])
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        return self._eval(list(ids))
+
+    def step(self, token: int) -> np.ndarray:
+        return self._eval([int(token)])
+
+
+RUNNERS: dict[str, Callable[..., Runner]] = {"torch": TorchRunner, "onnx": OnnxRunner, "executorch": PteRunner,
+                                             "llamacpp": LlamaCppRunner}
 # modules a fresh process imports before the memory cap is set (the runtime, not the model)
 PRELOAD = {"torch": ("torch", "transformers"), "onnx": ("numpy", "onnxruntime", "transformers"),
-           "executorch": ("torch", "export.executorch_runtime")}
+           "executorch": ("torch", "export.executorch_runtime"), "llamacpp": ("numpy", "llama_cpp")}
+
+
+def llamacpp_available() -> bool:
+    """llama-cpp-python is optional: the comparison runs when it is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def make_runner(backend: str, artifact, threads: int | None = None) -> Runner:

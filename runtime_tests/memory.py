@@ -84,6 +84,10 @@ def warm_runtime(backend: str, artifact: str) -> None:
         from export.executorch_runtime import runtime
 
         runtime()
+    elif backend == "llamacpp":
+        import llama_cpp
+
+        llama_cpp.llama_backend_init()
 
 
 def artifact_bytes(path) -> int:
@@ -102,7 +106,7 @@ def weight_bytes(path) -> int:
     path = Path(path)
     if path.is_file():
         return artifact_bytes(path)
-    names = ("*.safetensors", "*.onnx", "*.onnx.data", "*.data", "*.pte", "*.ptd", "*.bin")
+    names = ("*.safetensors", "*.onnx", "*.onnx.data", "*.data", "*.pte", "*.ptd", "*.bin", "*.gguf")
     return sum(f.stat().st_size for pattern in names for f in path.glob(pattern))
 
 

@@ -99,7 +99,13 @@ def markdown(result: dict, files: dict | None = None) -> str:
         lines += ["", "## Folded vs dense (same runtime, same cores, one run)", "",
                   "| model/runtime | decode speed vs dense | target (dense depth / folded depth x 0.95) | meets |", "|---|---|---|---|"]
         for k, v in result["ratios"].items():
-            lines.append(f"| {k} | {v['decode_speedup_vs_dense']} | {v['target']} | {v['meets_target']} |")
+            if "decode_speedup_vs_dense" in v:
+                lines.append(f"| {k} | {v['decode_speedup_vs_dense']} | {v['target']} | {v['meets_target']} |")
+        peers = {k: v for k, v in result["ratios"].items() if "decode_speed_vs_llamacpp" in v}
+        if peers:
+            lines += ["", "## 4-bit exports vs llama.cpp on the dense model (same cores, one run)", "",
+                      "| comparison | decode speed vs llama.cpp | meets (>= 1) |", "|---|---|---|"]
+            lines += [f"| {k} | {v['decode_speed_vs_llamacpp']} | {v['meets_target']} |" for k, v in peers.items()]
 
     if files:
         lines += ["", "## Plots", ""] + [f"![{k}]({Path(v).name})" for k, v in files.items() if v.endswith(".png")]

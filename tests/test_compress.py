@@ -13,7 +13,7 @@ from compress.data import DataConfig, build_sequences, pack
 from compress.fold import FoldConfig, best_candidate, fold
 from compress.heal import HealConfig, _step, heal
 from compress.importance import GateConfig, learn_gates
-from tests.conftest import tiny_model, tiny_tokenizer
+from tests.conftest import FAMILIES, tiny_model, tiny_tokenizer
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "\n\n"
         "Folding shares weights between adjacent blocks of a network. " * 3 + "\n\n") * 8
@@ -133,6 +133,20 @@ def test_fold_with_unique_block_target_merges_cheapest_neighbours():
     identity_blocks(model, [2, 3])  # sharing these two costs nothing: both are identity
     model, report = fold(model, tokens(), FoldConfig(removal_rate=0.0, group_size=None, num_unique_blocks=4))
     assert report.schedule == [0, 1, 2, 2, 3]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_share_scorer_tail_replays_the_full_forward(family):
+    """Scores rerun only the depths after a group's start; that replay must be the model."""
+    from compress.fold import ShareScorer
+
+    model = tiny_model(family, layers=4)
+    calib = tokens()
+    scorer = ShareScorer(model, calib, FoldConfig(score_batches=1, score_batch_size=2))
+    with torch.no_grad():
+        full = model(calib[:2], use_cache=False).logits
+    for start in range(4):
+        torch.testing.assert_close(scorer.tail_logits(0, start), full, rtol=1e-5, atol=1e-5)
 
 
 def test_best_candidate_is_the_lowest_measured_kl():
@@ -256,7 +270,7 @@ def test_compress_resume_skips_finished_stages(tmp_path, tiny_dir, monkeypatch):
     from foldgpt.cli import main
 
     assert main(compress_args(tmp_path, tiny_dir)) == 0
-    monkeypatch.setattr(recipe, "fold", lambda *a, **k: pytest.fail("finished fold stage was redone"))
+    monkeypatch.setattr(recipe, "run_method", lambda *a, **k: pytest.fail("finished fold stage was redone"))
     monkeypatch.setattr(recipe, "build_sequences", lambda *a, **k: pytest.fail("finished data stage was redone"))
     assert main(compress_args(tmp_path, tiny_dir, "--resume")) == 0
 
@@ -282,7 +296,7 @@ def test_compress_bad_input_is_one_line(tmp_path, tiny_dir, capsys, flag, value,
     import compress.recipe as recipe
     from foldgpt.cli import main
 
-    monkeypatch.setattr(recipe, "fold", lambda *a, **k: pytest.fail("heavy work started before the check"))
+    monkeypatch.setattr(recipe, "run_method", lambda *a, **k: pytest.fail("heavy work started before the check"))
     args = compress_args(tmp_path, tiny_dir)
     args[args.index(flag) + 1] = value
     assert main(args) == 2

@@ -68,3 +68,16 @@ def test_failed_export_is_recorded_and_the_run_goes_on(tmp_path, source, monkeyp
     summary = pipeline.run(config(tmp_path, source))
     row = summary["exports"]["folded"][0]
     assert row["status"] == "failed" and "unsupported op" in row["error"]
+
+
+def test_exports_spec_parses_and_rejects_bad_input():
+    from export.registry import ExportConfig
+    from foldgpt.pipeline import parse_exports
+
+    assert parse_exports("onnx:fp32, executorch:8da4w+emb8") == (("onnx", "fp32"), ("executorch", "8da4w+emb8"))
+    cfg = ExportConfig.from_spec("8da4w+emb4", max_context=64)
+    assert (cfg.precision.value, cfg.embedding_bits, cfg.max_context) == ("8da4w", 4, 64)
+    for bad, match in (("tflite:fp32", "BACKEND:PRECISION"), ("onnx", "BACKEND:PRECISION"),
+                       ("onnx:int3", "unknown precision"), ("executorch:8da4w+emb2", "suffixes"), (",", "empty")):
+        with pytest.raises(ValueError, match=match):
+            parse_exports(bad)

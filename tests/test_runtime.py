@@ -140,8 +140,68 @@ def test_static_context_skips_long_prompts(models):
 
 
 def test_unknown_runtime_backend_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known: executorch, onnx, torch"):
+    with pytest.raises(ValueError, match="known: executorch, llamacpp, onnx, torch"):
         make_runner("tflite", "x")
+
+
+class FakeLlama:
+    """Stands in for llama_cpp.Llama: records the settings, keeps llama.cpp's `scores`/`n_tokens`
+    bookkeeping (last position's logits only), and makes logits that depend on the context."""
+
+    def __init__(self, path, **kw):
+        import numpy as np
+
+        self.path, self.kw, self.n_tokens, self.history = path, kw, 0, []
+        self.scores = np.zeros((kw["n_ctx"], 7), dtype=np.float32)
+
+    def n_vocab(self):
+        return 7
+
+    def reset(self):
+        self.n_tokens, self.history = 0, []
+
+    def eval(self, ids):
+        self.history += ids
+        self.n_tokens += len(ids)
+        self.scores[self.n_tokens - 1] = 0
+        self.scores[self.n_tokens - 1, sum(self.history) % 7] = 1.0
+
+
+def test_llamacpp_runner_reads_the_last_positions_logits(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from runtime_tests.latency import LlamaCppRunner
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    runner = make_runner("llamacpp", gguf, threads=2)
+    assert isinstance(runner, LlamaCppRunner) and runner.llm.kw["n_threads"] == runner.llm.kw["n_threads_batch"] == 2
+    assert runner.llm.kw["n_ctx"] >= 512 + 128 and runner.vocab_size == 7
+    assert int(runner.prefill([1, 2]).argmax()) == 3 and int(runner.step(3).argmax()) == 6
+    runner.reset()
+    assert int(runner.prefill([2]).argmax()) == 2
+    r = measure_latency(runner, prompt_lengths=(4,), decode_tokens=3, warmup=0, repeats=1, vocab=7)
+    assert r["decode_tokens_per_s"]["p50"] > 0
+    with pytest.raises(FileNotFoundError, match="not a .gguf"):
+        make_runner("llamacpp", tmp_path / "model.pte")
+
+
+def test_ratios_compare_4bit_exports_with_llamacpp():
+    from runtime_tests.bench import ratios
+
+    run = lambda model, backend, precision, tps: {"model": model, "backend": backend, "precision": precision,  # noqa: E731
+                                                  "status": "ok", "latency": {"decode_tokens_per_s": {"p50": tps}}}
+    result = {"models": {"dense": {"depth": 30}, "folded": {"depth": 27}},
+              "runs": [run("dense", "executorch", "8da4w+emb8", 100.0), run("folded", "executorch", "8da4w+emb8", 120.0),
+                       run("dense", "llamacpp", "q4_1", 110.0), run("folded", "onnx", "fp32", 50.0)]}
+    out = ratios(result)
+    assert out["folded/executorch:8da4w+emb8"] == {"decode_speedup_vs_dense": 1.2, "target": 1.056, "meets_target": True}
+    peer = out["folded/executorch:8da4w+emb8 vs dense/llamacpp:q4_1"]
+    assert peer == {"decode_speed_vs_llamacpp": round(120 / 110, 3), "target": 1.0, "meets_target": True}
+    assert out["dense/executorch:8da4w+emb8 vs dense/llamacpp:q4_1"]["meets_target"] is False
+    assert not any("onnx:fp32 vs" in k for k in out)  # only 4-bit exports meet the 4-bit peer
 
 
 def test_weights_check_tells_unique_from_effective():

@@ -1,0 +1,181 @@
+"""FoldGPT beside the peer layer-pruning methods on the default model, at FoldGPT's budgets.
+
+    python benchmarks/peers.py [--heal-minutes 20] [--methods shortgpt,streamline,layerchop,sleb]
+                               [--points p15,p25,p36] [--training-free-as-published]
+
+Every method removes the same share of total parameters as benchmarks/fold_quality.py's
+points (whole blocks of 3.54M of 134.5M parameters: 6, 10 and 14 blocks), on the same
+self-generated calibration and healing text, with the same healing budget in minutes,
+and is measured by the same evaluation (`eval_config` and `dense_reference` are imported
+from fold_quality.py). How each method spends the budget:
+
+    shortgpt, sleb   training-free in their papers; here they get the default cure
+                     (FoldGPT's: fine-tune + hidden-state distillation) for the same
+                     minutes, or none with --training-free-as-published
+    streamline       the budget trains its replacement block (MSE), nothing else
+    layerchop        continued pretraining of every weight, LM loss only
+
+FoldGPT's own points are read from benchmarks/results/fold_quality.json (run that
+benchmark first to have them in the table and the plot). Each (method, point) is a
+`compress` run in its own work dir under benchmarks/work/peers/ (not committed), so an
+interrupted benchmark resumes where it stopped. Writes benchmarks/results/peers.{json,md}
+and peers_accuracy.png. SLEB costs about (30 + 29 + ... ) perplexity passes over
+--sleb-sequences calibration sequences per point: the slowest method here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from fold_quality import DEV, RESULTS, WORK, dense_reference, eval_config, row
+
+PEER_WORK = WORK / "peers"
+PEERS = ("shortgpt", "streamline", "layerchop", "sleb")
+TRAINING_FREE = ("shortgpt", "sleb")
+# name -> whole blocks removed; fold_quality.py's FoldGPT points remove as many blocks' worth
+# of unique parameters (e.g. p25: 3 blocks removed, 27 depths over 20 blocks -> 10 fewer)
+POINTS = {"p15": 6, "p25": 10, "p36": 14}
+
+
+def peer_config(method: str, blocks: int, heal_minutes: float, sleb_sequences: int):
+    """The method's config removing `blocks` whole blocks."""
+    from compress.layerchop import LayerChopConfig
+    from compress.shortgpt import ShortGPTConfig
+    from compress.sleb import SLEBConfig
+    from compress.streamline import StreamlineConfig
+
+    return {
+        "shortgpt": lambda: ShortGPTConfig(num_remove=blocks),
+        # a span of blocks + 1 replaced by one block, trained for the whole budget
+        "streamline": lambda: StreamlineConfig(span=blocks + 1, train_steps=None, train_minutes=heal_minutes),
+        "layerchop": lambda: LayerChopConfig(num_remove=blocks),
+        "sleb": lambda: SLEBConfig(num_remove=blocks, max_sequences=sleb_sequences),
+    }[method]()
+
+
+def run_point(method: str, name: str, args, eval_cfg, reference: dict) -> dict:
+    from compress.data import DataConfig
+    from compress.methods import heal_config
+    from compress.recipe import CompressConfig, compress
+
+    blocks = POINTS[name]
+    as_published = args.training_free_as_published and method in TRAINING_FREE
+    out = PEER_WORK / f"{method}{'-nocure' if as_published else ''}-{name}"
+    heal = None if as_published or method == "streamline" else heal_config(method, {"max_minutes": args.heal_minutes})
+    # Streamline trains on the calibration set: give it as many sequences as the others heal on
+    calib = DataConfig(num_sequences=max(32, args.heal_sequences) if method == "streamline" else 32, seq_len=256)
+    if not (out / "eval.json").is_file():
+        compress(CompressConfig(
+            out=str(out), model="default", method=method, calib=calib,
+            peer=peer_config(method, blocks, args.heal_minutes, args.sleb_sequences),
+            heal_data=DataConfig(num_sequences=args.heal_sequences, seq_len=256, seed=1),
+            heal=heal, eval=eval_cfg, eval_reference=reference, resume=True,
+        ))
+    config = json.loads((out / "config.json").read_text())
+    ev = json.loads((out / "eval.json").read_text())
+    prov = config["fold"]["provenance"]
+    report = prov["method_report"]
+    return {"method": method if not as_published else f"{method} (no cure)", "name": name, "blocks": blocks,
+            "removed_blocks": prov["removed_blocks"], "params": prov["params"], "cure": prov["cure"],
+            "training_s": (report.get("training") or {}).get("seconds"),
+            "report": {k: v for k, v in report.items() if k not in ("training", "params")},
+            "dense": ev["dense"], "folded": ev["folded"], "bytes": (out / "model.safetensors").stat().st_size}
+
+
+def foldgpt_points() -> list[dict]:
+    """FoldGPT's rows from fold_quality.json, in this benchmark's shape (empty if not run)."""
+    file = RESULTS / "fold_quality.json"
+    if not file.is_file():
+        return []
+    return [{"method": "foldgpt", "name": p["name"], "removed_blocks": p["removed_blocks"], "params": p["params"],
+             "cure": p["cure"], "training_s": None, "report": {"schedule": p["schedule"]},
+             "dense": p["dense"], "folded": p["folded"], "bytes": p["bytes"]} for p in json.loads(file.read_text())]
+
+
+def write_report(rows: list[dict], heal_minutes: float) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "peers.json").write_text(json.dumps(rows, indent=1, default=str))
+    dense = rows[0]["dense"]
+    tasks = list(dense["tasks"])
+    lines = [
+        "# FoldGPT and peer layer-pruning methods on SmolLM2-135M-Instruct",
+        "",
+        f"Reproduce: `python benchmarks/peers.py --heal-minutes {heal_minutes:g}` (FoldGPT rows: benchmarks/fold_quality.py).",
+        "Same parameter budgets, self-generated calibration/healing text, healing minutes and evaluation as fold_quality.",
+        "acc_norm: length-normalised zero-shot accuracy, in brackets relative to dense; stability per task (LLM-Streamline).",
+        "",
+        "| model | unique params | bytes | wikitext2 ppl | " + " | ".join(tasks) + " | stability | training |",
+        "|---" * (6 + len(tasks)) + "|",
+        row("dense", rows[0]["params"]["source_unique"], None, dense, None, None),
+    ]
+    for point in POINTS:
+        for r in (r for r in rows if r["name"] == point):
+            seconds = (r["cure"] or {}).get("seconds") or r["training_s"]
+            label = f"{point} {r['method']}: -{r['params']['unique_reduction']:.0%} unique"
+            lines.append(row(label, r["params"]["unique"], r["bytes"], r["folded"], dense, seconds))
+    lines += ["", "Removed source blocks (and each method's choice):", ""]
+    for r in rows:
+        detail = {k: r["report"][k] for k in ("span", "order", "placement", "schedule") if k in r["report"]}
+        lines.append(f"- {r['name']} {r['method']}: removed {r['removed_blocks']} {json.dumps(detail)}")
+    (RESULTS / "peers.md").write_text("\n".join(lines) + "\n")
+    plot(rows)
+
+
+def plot(rows: list[dict]) -> None:
+    """acc_norm vs weight bytes, one panel per task, one line per method (dense at the right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = rows[0]["dense"]
+    dense_bytes = rows[0]["params"]["source_unique"] * 4 / 2**20
+    tasks = list(dense["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), sharey=True)
+    for ax, task in zip(axes, tasks):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["bytes"] / 2**20, r["folded"]["tasks"][task]["acc_norm"]) for r in rows if r["method"] == method)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
+        ax.scatter([dense_bytes], [dense["tasks"][task]["acc_norm"]], color="black", marker="*", s=80, label="dense")
+        ax.set_title(task)
+        ax.set_xlabel("fp32 weight bytes (MiB)")
+    axes[0].set_ylabel("acc_norm")
+    axes[-1].legend()
+    fig.suptitle("Accuracy vs size: FoldGPT and peer layer pruning")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "peers_accuracy.png", dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--heal-minutes", type=float, default=20.0, help="training budget of every method, per point")
+    ap.add_argument("--methods", default=",".join(PEERS))
+    ap.add_argument("--points", default=",".join(POINTS))
+    ap.add_argument("--training-free-as-published", action="store_true", help="no cure for shortgpt and sleb")
+    ap.add_argument("--sleb-sequences", type=int, default=8, help="calibration sequences per SLEB perplexity")
+    ap.add_argument("--limit", type=int, default=300, help="items per multiple-choice task (as fold_quality)")
+    ap.add_argument("--ppl-tokens", type=int, default=32768)
+    ap.add_argument("--heal-sequences", type=int, default=64, help="256-token windows of self-generated healing text")
+    args = ap.parse_args()
+    if not DEV.is_dir():
+        raise SystemExit(f"{DEV} not found: this benchmark needs the development sets beside the repository")
+    methods = args.methods.split(",")
+    for m in methods:
+        if m not in PEERS:
+            raise SystemExit(f"unknown method {m!r}; this benchmark runs {', '.join(PEERS)} (FoldGPT: fold_quality.py)")
+    eval_cfg = eval_config(args.limit, args.ppl_tokens)
+    reference = dense_reference(eval_cfg)
+    rows = foldgpt_points()
+    for name in args.points.split(","):
+        for method in methods:
+            t = time.monotonic()
+            rows.append(run_point(method, name, args, eval_cfg, reference))
+            print(f"{method} {name}: done in {(time.monotonic() - t) / 60:.1f} min", flush=True)
+            write_report(rows, args.heal_minutes)
+    print((RESULTS / "peers.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""SLEB (Song et al., arXiv 2402.09025): greedy block removal by calibration perplexity.
+
+At each of `num_remove` steps every remaining block is left out in turn, the perplexity
+of the calibration tokens is measured without it, and the block whose absence raises
+it least is removed for good; the next step measures again on the shrunken model, so
+redundancy between neighbours is seen. No training. Cost: about num_layers * num_remove
+forward passes over the calibration sequences used (`max_sequences` bounds it).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compress.adapter import get_adapter
+from compress.blocks import count_parameters, remove_blocks
+from compress.capture import batches
+from compress.methods import check_removal, param_summary, register_method
+
+
+@dataclass
+class SLEBConfig:
+    num_remove: int | None = None  # None: from the recipe's removal_rate
+    batch_size: int = 4
+    max_sequences: int | None = None  # calibration sequences per perplexity (None: all)
+
+    def __post_init__(self):
+        if self.num_remove is not None and self.num_remove < 0:
+            raise ValueError(f"num_remove must be >= 0, got {self.num_remove}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+    def resolved(self, num_remove: int) -> "SLEBConfig":
+        return self if self.num_remove is not None else replace(self, num_remove=num_remove)
+
+    def check(self, num_layers: int) -> None:
+        check_removal(self.num_remove, num_layers)
+
+
+@torch.no_grad()
+def calib_perplexity(model: nn.Module, data: list[torch.Tensor]) -> float:
+    """exp(mean next-token NLL) over every predicted token of the batches."""
+    nll, n = 0.0, 0
+    for batch in data:
+        k = batch.shape[0] * (batch.shape[1] - 1)
+        nll += model(batch, labels=batch, use_cache=False).loss.item() * k
+        n += k
+    return math.exp(nll / n)
+
+
+@contextmanager
+def without(model: nn.Module, depth: int):
+    """The model with block `depth` left out, for measuring only (no cache is used, so
+    `layer_idx` may stay stale); restored on exit."""
+    adapter, config = get_adapter(model), model.config
+    layers, types = list(adapter.get_layers(model)), getattr(config, "layer_types", None)
+    adapter.set_layers(model, layers[:depth] + layers[depth + 1:])
+    config.num_hidden_layers -= 1
+    if types:
+        config.layer_types = types[:depth] + types[depth + 1:]
+    try:
+        yield model
+    finally:
+        adapter.set_layers(model, layers)
+        config.num_hidden_layers += 1
+        if types:
+            config.layer_types = types
+
+
+@register_method("sleb", SLEBConfig)
+def sleb(model: nn.Module, calib: torch.Tensor, cfg: SLEBConfig) -> tuple[nn.Module, dict]:
+    """Remove `cfg.num_remove` blocks greedily; edits `model` in place. The report gives
+    the removal order in source depths and every step's perplexity per candidate."""
+    n = len(get_adapter(model).get_layers(model))
+    cfg.check(n)
+    data = batches(calib, cfg.batch_size, cfg.max_sequences)
+    before = count_parameters(model)
+    source = list(range(n))  # current depth -> source depth
+    order, steps = [], []
+    for _ in tqdm(range(cfg.num_remove), desc="SLEB steps"):
+        ppl = {}
+        for d in range(len(source)):
+            with without(model, d):
+                ppl[d] = calib_perplexity(model, data)
+        best = min(ppl, key=ppl.get)
+        steps.append({"perplexity": {str(source[d]): round(v, 4) for d, v in ppl.items()}, "removed": source[best]})
+        order.append(source.pop(best))
+        remove_blocks(model, [best])
+    report = {"order": order, "removed": sorted(order), "steps": steps,
+              "final_perplexity": calib_perplexity(model, data),
+              "params": param_summary(before, count_parameters(model), len(order), n)}
+    return model, report
