@@ -163,7 +163,7 @@ def main() -> None:
     ap.add_argument("--points", default=",".join(POINTS))
     ap.add_argument("--limit", type=int, default=300, help="items per multiple-choice task")
     ap.add_argument("--ppl-tokens", type=int, default=32768)
-    ap.add_argument("--heal-sequences", type=int, default=64, help="256-token windows of self-generated healing text")
+    ap.add_argument("--heal-sequences", type=int, default=256, help="256-token windows of self-generated healing text")
     args = ap.parse_args()
     if not DEV.is_dir():
         raise SystemExit(f"{DEV} not found: this benchmark needs the development sets beside the repository")

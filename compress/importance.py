@@ -1,30 +1,34 @@
 """Block importance by learnable gates (FoldGPT, arXiv 2407.00928, step 1).
 
-Each decoder block i gets a gate g_i = sigmoid(s_i) that scales its residual update,
+Each decoder block i gets a gate that scales its residual update,
     h_out = h + g_i * (block(h) - h),
 and all gates are trained *jointly* with the block weights frozen, so a block's score
 reflects what the others already do (ShortGPT-style per-block scores cannot see that
-two adjacent blocks may be redundant only together). The loss is
+two adjacent blocks may be redundant only together).
+
+Gates are stochastic: s_i is the logit of block i's keep probability p_i = sigmoid(s_i),
+and each step draws a relaxed Bernoulli sample g_i = sigmoid((s_i + L_i) / T) with
+logistic noise L_i (the binary-concrete relaxation). The loss is
 
     KL(dense || gated) on next-token distributions   (+ optional final-hidden MSE)
-  + polarization * mean(4 g (1 - g))                  drives every gate to 0 or 1
+  + polarization * mean(4 p (1 - p))                  drives every probability to 0 or 1
 
-under the budget constraint sum_i w_i g_i = K, with K the cost of the blocks kept and
+under the budget constraint sum_i w_i p_i = K, with K the cost of the blocks kept and
 w_i a block's share of cost (1 per block, or its parameters / mean block parameters).
-The constraint is held exactly, not penalised: after every optimizer step all gate
-logits are shifted by one common constant (found by bisection) so the open mass is K.
-A penalty lets Adam move every gate in lock-step (its per-parameter normalisation
-erases the differences between gradients that are mostly the shared penalty), while
-the shift leaves only the distillation and polarization terms to rank the blocks.
-Gates are g_i = sigmoid(s_i / T) with the temperature T annealed geometrically
-(1 -> 0.05): early on every gate is soft and the distillation gradient orders the
-logits; as T falls, the shift makes the top-K gates approach 1 and the rest 0. The
-polarization term ramps in over the first half of training and pushes the same way.
-The closed set is the `num_remove` lowest gates, so exactly that many close even if
-training stopped early; `separated` says whether the gates themselves agree (every
-closed gate below 0.5 and every open one above). The anneal ends at a temperature low
-enough to separate the R-th and (R+1)-th logits, so after the final budget shift
-exactly R gates are below 0.5 unless two logits tie.
+So the gates minimise the expected loss of sub-networks that meet the budget: a sample
+actually drops some blocks, and a block whose absence hurts gets its p pushed up.
+Deterministic gates fail here (measured on SmolLM2-135M): near g = 0.9 for all, the
+gradient measures "every block scaled by 0.9", where late blocks compensate for the
+others and the ranking closed blocks 1, 28 or 29, whose single removal costs the most.
+
+The constraint is held exactly, not penalised: after every step all logits shift by one
+common constant (bisection) so the expected open mass is K. Steps are normalised by the
+largest gradient (s -= lr * grad / max|grad|): Adam's per-parameter normalisation would
+turn every gate's step into the sign of its gradient and erase the magnitudes that rank
+the blocks. T anneals geometrically (1 -> 0.05), so late samples are nearly binary. The
+closed set is the `num_remove` lowest logits. Reported gates are deterministic,
+sigmoid(s / T) after a final anneal that separates the R-th and (R+1)-th logits, so
+exactly R gates are below 0.5 unless two logits tie; `separated` says so.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class BudgetUnit(str, Enum):
 class GateConfig:
     num_remove: int
     steps: int = 60
-    lr: float = 0.1
+    lr: float = 0.2  # the largest logit move per step (gradients are normalised by their max)
     batch_size: int = 2
     seq_len: int | None = 128  # gates rank blocks; a short window is enough and 4x cheaper than 256
     polarization: float = 1.0
@@ -83,13 +87,20 @@ class BlockGates(nn.Module):
         self.layers = get_adapter(model).get_layers(model)
         self.logits = nn.Parameter(torch.zeros(len(self.layers)))
         self.temperature = 1.0
+        self.noise: torch.Tensor | None = None  # logistic noise of this step's sample, or None
         self.enabled = True
         self._handles = [
             layer.register_forward_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(self.layers)
         ]
 
     def values(self) -> torch.Tensor:
-        return torch.sigmoid(self.logits / self.temperature)
+        """Gate values: sigmoid((s + noise) / T), a relaxed Bernoulli(sigmoid(s)) sample when
+        noise is set, the deterministic gates otherwise."""
+        z = self.logits if self.noise is None else self.logits + self.noise
+        return torch.sigmoid(z / self.temperature)
+
+    def keep_probabilities(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits)
 
     def _hook(self, i: int):
         def hook(module, args, kwargs, output):
@@ -144,8 +155,7 @@ def learn_gates(model: nn.Module, data: torch.Tensor, cfg: GateConfig) -> GateRe
     gates = BlockGates(model)
     weights = _block_weights(model, cfg.budget_unit)
     target = float(weights.sum() - weights.sort().values[: cfg.num_remove].sum())
-    _project_to_budget(gates.logits, weights, target, gates.temperature)
-    opt = torch.optim.Adam([gates.logits], lr=cfg.lr)
+    _project_to_budget(gates.logits, weights, target, 1.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     result = GateResult(gates=[], closed=[], separated=False)
     was_training = model.training
@@ -159,28 +169,33 @@ def learn_gates(model: nn.Module, data: torch.Tensor, cfg: GateConfig) -> GateRe
             with torch.no_grad():
                 dense = model(batch, output_hidden_states=cfg.hidden_mse > 0)
             gates.enabled = True
+            u = torch.rand(n_blocks, generator=gen).clamp(1e-6, 1 - 1e-6)
+            gates.noise = torch.log(u) - torch.log1p(-u)  # logistic: sigmoid(s + noise) > 0.5 w.p. sigmoid(s)
             gated = model(batch, output_hidden_states=cfg.hidden_mse > 0)
             kl = F.kl_div(
                 F.log_softmax(gated.logits.float(), -1).flatten(0, 1),
                 F.log_softmax(dense.logits.float(), -1).flatten(0, 1),
                 log_target=True, reduction="batchmean",
             )
-            g = gates.values()
+            p = gates.keep_probabilities()
             ramp = min(1.0, step / max(1, cfg.steps // 2))
-            polar = (4 * g * (1 - g)).mean()
+            polar = (4 * p * (1 - p)).mean()
             loss = kl + cfg.polarization * ramp * polar
             terms = {"kl": kl.item(), "polarization": polar.item()}
             if cfg.hidden_mse > 0:
                 mse = F.mse_loss(gated.hidden_states[-1], dense.hidden_states[-1])
                 loss = loss + cfg.hidden_mse * mse
                 terms["hidden_mse"] = mse.item()
-            opt.zero_grad()
+            gates.logits.grad = None
             loss.backward()
-            opt.step()
-            _project_to_budget(gates.logits, weights, target, gates.temperature)
-            result.trajectory.append([round(x, 5) for x in gates.values().tolist()])
+            with torch.no_grad():  # normalised gradient step: see the module docstring
+                grad = gates.logits.grad
+                gates.logits.sub_(cfg.lr * grad / grad.abs().max().clamp_min(1e-12))
+            _project_to_budget(gates.logits, weights, target, 1.0)
+            result.trajectory.append([round(x, 5) for x in gates.keep_probabilities().tolist()])
             result.losses.append({k: round(v, 6) for k, v in terms.items()})
     finally:
+        gates.noise = None
         gates.remove()
         for p, req in frozen:
             p.requires_grad_(req)
