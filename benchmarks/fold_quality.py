@@ -150,7 +150,9 @@ def plot(points: list[dict]) -> None:
     for ax, p in zip(axes if len(points) > 1 else [axes], points):
         gates = p["gates"] or []
         ax.bar(range(len(gates)), gates, color=["tab:red" if d in p["removed_blocks"] else "tab:blue" for d in range(len(gates))])
-        ax.set_title(f"{p['name']}: gates (red = removed)")
+        removed = [d for d in p["removed_blocks"] if d < len(gates)]  # closed gates are ~0: mark them
+        ax.scatter(removed, [0.05] * len(removed), marker="x", color="tab:red", zorder=3)
+        ax.set_title(f"{p['name']}: gates (x = removed)")
         ax.set_xlabel("source block")
     axes[0].set_ylabel("final gate value") if len(points) > 1 else None
     fig.tight_layout()
