@@ -61,15 +61,6 @@ class GateFailed(ValueError):
         self.stage, self.report = stage, report
 
 
-@register_backend("executorch")
-class ExecuTorchBackend:
-    def export(self, model_dir, out, cfg: ExportConfig, measure: bool = True) -> dict:
-        return export_executorch(model_dir, out, cfg, measure=measure)
-
-    def generate(self, artifact, prompt: str, max_new_tokens: int, on_token=None) -> list[int]:
-        return generate(artifact, prompt, max_new_tokens, on_token)
-
-
 def require_executorch() -> None:
     try:
         import executorch.exir  # noqa: F401
@@ -454,3 +445,6 @@ def commit(stage: Path, out: Path) -> dict[str, Path]:
             moved[key] = names[key]
     shutil.rmtree(stage, ignore_errors=True)
     return moved
+
+
+BACKEND = register_backend("executorch", export=export_executorch, generate=generate)

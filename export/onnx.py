@@ -51,17 +51,6 @@ GENAI_CONFIG = "genai_config.json"
 INSTALL_HINT = "pip install 'onnx>=1.23,<1.24' 'onnxruntime>=1.32,<1.33' 'onnxscript>=0.7,<0.8'"
 
 
-@register_backend("onnx")
-class OnnxBackend:
-    """`foldgpt export onnx` / `foldgpt generate --backend onnx`: thin wrappers of the functions below."""
-
-    def export(self, model_dir, out, cfg: ExportConfig, measure: bool = True) -> dict:
-        return export_onnx(model_dir, out, cfg, measure=measure)
-
-    def generate(self, artifact, prompt: str, max_new_tokens: int, on_token=None) -> list[int]:
-        return generate(artifact, prompt, max_new_tokens, on_token)
-
-
 def require_onnx() -> None:
     try:
         import onnx  # noqa: F401
@@ -476,3 +465,6 @@ def commit(stage: Path, out: Path) -> None:
     from compress.format import replace_path
 
     replace_path(stage, out)
+
+
+BACKEND = register_backend("onnx", export=export_onnx, generate=generate)

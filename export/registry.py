@@ -1,13 +1,12 @@
 """Export backends register themselves by name; nothing branches on backend names.
 
-A backend is a class with
-    name: str
+A backend is a `Backend` entry of two functions, registered by the module that defines them:
     export(model_dir: Path, out: Path, cfg: ExportConfig, measure=True) -> dict
         writes `out`, returns a report; measure=False skips the size/memory probes
         (a caller that runs the memory harness anyway)
     generate(artifact: Path, prompt: str, max_new_tokens: int, on_token=None) -> list[int]
-Heavy dependencies are imported inside the backend's methods, so importing the
-registry (and the CLI) stays cheap and a missing package becomes an install hint.
+Heavy dependencies are imported inside those functions, so importing the registry
+(and the CLI) stays cheap and a missing package becomes an install hint.
 """
 
 from __future__ import annotations
@@ -55,19 +54,22 @@ class ExportConfig:
         return cls(precision=name, embedding_bits=int(emb[3:]) if emb else None, **kwargs)
 
 
-_BACKENDS: dict[str, type] = {}
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    export: Callable[..., dict]
+    generate: Callable[..., list]
+
+
+_BACKENDS: dict[str, Backend] = {}
 # Modules that register backends when imported; listed here so `get_backend` can name
 # every backend without importing onnxruntime or executorch up front.
 _BACKEND_MODULES = {"onnx": "export.onnx", "executorch": "export.executorch"}
 
 
-def register_backend(name: str) -> Callable[[type], type]:
-    def wrap(cls: type) -> type:
-        cls.name = name
-        _BACKENDS[name] = cls
-        return cls
-
-    return wrap
+def register_backend(name: str, export: Callable[..., dict], generate: Callable[..., list]) -> Backend:
+    _BACKENDS[name] = Backend(name, export, generate)
+    return _BACKENDS[name]
 
 
 def known_backends() -> list[str]:
@@ -80,7 +82,7 @@ def get_backend(name: str):
         importlib.import_module(_BACKEND_MODULES[name])
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(known_backends())}")
-    return _BACKENDS[name]()
+    return _BACKENDS[name]
 
 
 def check_paths(model_dir: Path, out: Path) -> None:

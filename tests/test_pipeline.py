@@ -53,7 +53,11 @@ def test_run_makes_every_stage_and_resumes(tmp_path, source, monkeypatch):
     import export.onnx as onnx
 
     monkeypatch.setattr(recipe, "compress", lambda *a, **k: pytest.fail("finished compress stage was redone"))
-    monkeypatch.setattr(onnx, "export_onnx", lambda *a, **k: pytest.fail("finished export was redone"))
+    import export.registry as registry
+    from dataclasses import replace
+
+    monkeypatch.setitem(registry._BACKENDS, "onnx",
+                        replace(onnx.BACKEND, export=lambda *a, **k: pytest.fail("finished export was redone")))
     pipeline.run(config(tmp_path, source))
 
 
@@ -64,7 +68,11 @@ def test_failed_export_is_recorded_and_the_run_goes_on(tmp_path, source, monkeyp
     def broken(*a, **k):
         raise ValueError("unsupported op: for the test")
 
-    monkeypatch.setattr(onnx.OnnxBackend, "export", lambda self, *a, **k: broken())
+    from dataclasses import replace
+
+    import export.registry as registry
+
+    monkeypatch.setitem(registry._BACKENDS, "onnx", replace(onnx.BACKEND, export=lambda *a, **k: broken()))
     summary = pipeline.run(config(tmp_path, source))
     row = summary["exports"]["folded"][0]
     assert row["status"] == "failed" and "unsupported op" in row["error"]
