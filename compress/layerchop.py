@@ -14,7 +14,7 @@ The continued pretraining is the recipe's cure stage with this method's cure:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 
 from compress.adapter import get_adapter
 from compress.blocks import count_parameters, remove_blocks
-from compress.methods import DEFAULT_HEAL_MINUTES, param_summary, register_method
+from compress.methods import DEFAULT_HEAL_MINUTES, RemovalCount, enum_choice, param_summary, register_method
 
 
 class Placement(str, Enum):
@@ -32,21 +32,12 @@ class Placement(str, Enum):
 
 
 @dataclass
-class LayerChopConfig:
-    num_remove: int | None = None  # None: from the recipe's removal_rate
+class LayerChopConfig(RemovalCount):
     placement: Placement = Placement.LAST
 
     def __post_init__(self):
-        try:
-            self.placement = Placement(self.placement)
-        except ValueError:
-            raise ValueError(f"unknown placement {self.placement!r}; choose one of "
-                             f"{', '.join(p.value for p in Placement)}") from None
-        if self.num_remove is not None and self.num_remove < 0:
-            raise ValueError(f"num_remove must be >= 0, got {self.num_remove}")
-
-    def resolved(self, num_remove: int) -> "LayerChopConfig":
-        return self if self.num_remove is not None else replace(self, num_remove=num_remove)
+        self.placement = enum_choice(Placement, self.placement, "placement")
+        super().__post_init__()
 
     def check(self, num_layers: int) -> None:
         if self.num_remove is None:

@@ -19,7 +19,7 @@ None it is filled from FoldConfig.removal_rate by `resolved(num_remove)`.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 from compress.heal import HealConfig
@@ -89,6 +89,32 @@ def heal_config(name: str, budget: dict | None = None, **options) -> HealConfig 
             return None
         budget = {"max_minutes": method.heal_minutes}
     return HealConfig(**{**method.heal_style, **budget, **{k: v for k, v in options.items() if v is not None}})
+
+
+@dataclass
+class RemovalCount:
+    """The block count of a method that deletes whole blocks (ShortGPT, SLEB, LayerChop);
+    a method's config extends it with its own fields."""
+
+    num_remove: int | None = None  # None: from the recipe's removal_rate
+
+    def __post_init__(self):
+        if self.num_remove is not None and self.num_remove < 0:
+            raise ValueError(f"num_remove must be >= 0, got {self.num_remove}")
+
+    def resolved(self, num_remove: int):
+        return self if self.num_remove is not None else replace(self, num_remove=num_remove)
+
+    def check(self, num_layers: int) -> None:
+        check_removal(self.num_remove, num_layers)
+
+
+def enum_choice(enum: type, value, what: str):
+    """`enum(value)`, or a one-line ValueError naming the choices."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(e.value for e in enum)}") from None
 
 
 def check_removal(num_remove: int | None, num_layers: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,26 +20,18 @@ from tqdm.auto import tqdm
 from compress.adapter import get_adapter
 from compress.blocks import count_parameters, remove_blocks
 from compress.capture import batches
-from compress.methods import check_removal, param_summary, register_method
+from compress.methods import RemovalCount, param_summary, register_method
 
 
 @dataclass
-class SLEBConfig:
-    num_remove: int | None = None  # None: from the recipe's removal_rate
+class SLEBConfig(RemovalCount):
     batch_size: int = 4
     max_sequences: int | None = None  # calibration sequences per perplexity (None: all)
 
     def __post_init__(self):
-        if self.num_remove is not None and self.num_remove < 0:
-            raise ValueError(f"num_remove must be >= 0, got {self.num_remove}")
+        super().__post_init__()
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-
-    def resolved(self, num_remove: int) -> "SLEBConfig":
-        return self if self.num_remove is not None else replace(self, num_remove=num_remove)
-
-    def check(self, num_layers: int) -> None:
-        check_removal(self.num_remove, num_layers)
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from compress.adapter import get_adapter
 from compress.blocks import count_parameters, remove_blocks
 from compress.capture import batches, block_io, token_cosine
-from compress.methods import param_summary, register_method
+from compress.methods import enum_choice, param_summary, register_method
 
 
 class Replacement(str, Enum):
@@ -54,11 +54,7 @@ class StreamlineConfig:
     seed: int = 0
 
     def __post_init__(self):
-        try:
-            self.replacement = Replacement(self.replacement)
-        except ValueError:
-            raise ValueError(f"unknown replacement {self.replacement!r}; choose one of "
-                             f"{', '.join(r.value for r in Replacement)}") from None
+        self.replacement = enum_choice(Replacement, self.replacement, "replacement")
         if self.span is not None and self.span < 1:
             raise ValueError(f"span must be >= 1, got {self.span}")
         if self.train_steps is None and self.train_minutes is None:
