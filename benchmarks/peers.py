@@ -29,7 +29,7 @@ import argparse
 import json
 import time
 
-from fold_quality import DEV, RESULTS, WORK, dense_reference, eval_config, row
+from fold_quality import DEV, RESULTS, WORK, dense_reference, eval_config, row, table_head
 
 PEER_WORK = WORK / "peers"
 PEERS = ("shortgpt", "streamline", "layerchop", "sleb")
@@ -98,18 +98,12 @@ def write_report(rows: list[dict], heal_minutes: float) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "peers.json").write_text(json.dumps(rows, indent=1, default=str))
     dense = rows[0]["dense"]
-    tasks = list(dense["tasks"])
     lines = [
         "# FoldGPT and peer layer-pruning methods on SmolLM2-135M-Instruct",
         "",
         f"Reproduce: `python benchmarks/peers.py --heal-minutes {heal_minutes:g}` (FoldGPT rows: benchmarks/fold_quality.py).",
         "Same parameter budgets, self-generated calibration/healing text, healing minutes and evaluation as fold_quality.",
-        "acc_norm: length-normalised zero-shot accuracy, in brackets relative to dense; stability per task (LLM-Streamline).",
-        "",
-        "| model | unique params | bytes | wikitext2 ppl | " + " | ".join(tasks) + " | stability | training |",
-        "|---" * (6 + len(tasks)) + "|",
-        row("dense", rows[0]["params"]["source_unique"], None, dense, None, None),
-    ]
+    ] + table_head(dense, rows[0]["params"]["source_unique"], "training")
     for point in POINTS:
         for r in (r for r in rows if r["name"] == point):
             seconds = (r["cure"] or {}).get("seconds") or r["training_s"]
