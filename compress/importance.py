@@ -17,9 +17,9 @@ under the budget constraint sum_i w_i p_i = K, with K the cost of the blocks kep
 w_i a block's share of cost (1 per block, or its parameters / mean block parameters).
 So the gates minimise the expected loss of sub-networks that meet the budget: a sample
 actually drops some blocks, and a block whose absence hurts gets its p pushed up.
-Deterministic gates fail here (measured on SmolLM2-135M): near g = 0.9 for all, the
-gradient measures "every block scaled by 0.9", where late blocks compensate for the
-others and the ranking closed blocks 1, 28 or 29, whose single removal costs the most.
+Why not deterministic gates: near g = 0.9 for all, their gradient measures "every
+block scaled by 0.9", where some blocks compensate for the others (positive gradients),
+which is not the cost of removing any of them.
 
 The constraint is held exactly, not penalised: after every step all logits shift by one
 common constant (bisection) so the expected open mass is K. Steps are normalised by the

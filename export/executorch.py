@@ -45,20 +45,13 @@ from pathlib import Path
 
 from export.executorch_runtime import INSTALL_HINT, TOKENIZER_FILE, PteLM, data_file, resident_memory, runtime
 from export.quantize import layer_bits, quantize_shared, unique_weight_bytes
-from export.registry import ExportConfig, Precision, check_paths, register_backend
+from export.parity import GateFailed, record_gate
+from export.registry import ExportConfig, Precision, check_paths, load_model, register_backend
 
 ATTENTION = "foldgpt_executorch_sdpa"
 MAX_SEQ_LEN = 128  # tokens per forward call (prefill chunk); the runner splits longer prompts
 GATE_NEW_TOKENS = 32
 PRECISIONS = (Precision.FP32, Precision.INT8, Precision.INT8DA4W)
-
-
-class GateFailed(ValueError):
-    """The parity gate rejected an export: it stays at `stage`; `report` holds what was measured."""
-
-    def __init__(self, message: str, stage: Path, report: dict):
-        super().__init__(message)
-        self.stage, self.report = stage, report
 
 
 def require_executorch() -> None:
@@ -92,7 +85,7 @@ def export_executorch(model_dir, out, cfg: ExportConfig | None = None, measure: 
     report["unique_weight_bytes"] = unique_weight_bytes(model, cfg.precision, cfg.group_size, cfg.embedding_bits)
     reference = copy.deepcopy(model) if cfg.parity else None  # deepcopy keeps the Parameter sharing
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    clock, keep = time.perf_counter(), False
+    clock = time.perf_counter()
     try:
         quantize_shared(model, cfg.precision, cfg.group_size, cfg.embedding_bits)
         head_fqn, external, report["tied_embedding"] = tied_layout(model, cfg.embedding_bits)
@@ -107,20 +100,15 @@ def export_executorch(model_dir, out, cfg: ExportConfig | None = None, measure: 
             clock = time.perf_counter()
             gate = run_gate(reference, files["pte"], gate_inputs, quantized=layer_bits(cfg.precision) is not None
                             or cfg.embedding_bits is not None, num_threads=cfg.num_threads)
-            report["parity"] = gate.to_dict()
-            report["seconds"]["parity"] = round(time.perf_counter() - clock, 1)
-            if not gate.passed:
-                keep = True  # left for inspection; the error says where
-                raise GateFailed(f"parity gate failed: {gate.reason}; export kept at {stage}, nothing written to {out}",
-                                 stage, report)
+            record_gate(gate, report, time.perf_counter() - clock, stage, out)
         report.update(sizes(files, report["unique_weight_bytes"]))
         if measure:
             clock = time.perf_counter()
             report["resident"] = measure_resident(files["pte"], report["unique_weight_bytes"])
             report["seconds"]["measure"] = round(time.perf_counter() - clock, 1)
         report["files"] = {k: str(v) for k, v in commit(stage, out).items()}
-    except BaseException:
-        if not keep:
+    except BaseException as e:
+        if not isinstance(e, GateFailed):  # a rejected export is left for inspection; the error says where
             shutil.rmtree(stage, ignore_errors=True)
         raise
     report["out"] = str(out)
@@ -128,14 +116,6 @@ def export_executorch(model_dir, out, cfg: ExportConfig | None = None, measure: 
 
 
 # ----------------------------------------------------------------------------- 1. load
-
-
-def load_model(model_dir: Path):
-    """The folded model in fp32 (sharing kept: `.float()` converts each Parameter in place)."""
-    from compress.format import load_folded  # the only compress module export/ reads
-
-    model, tokenizer = load_folded(model_dir)
-    return model.float().eval(), tokenizer
 
 
 def check_model(model, cfg: ExportConfig) -> None:

@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from export import onnx_graph
-from export.registry import ExportConfig, Precision, check_paths, register_backend
+from export.parity import GateFailed, record_gate
+from export.registry import ExportConfig, Precision, check_paths, load_model, register_backend
 
 MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
@@ -80,7 +81,7 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     report = {"backend": "onnx", "precision": cfg.precision.value, "model_dir": str(model_dir), "seconds": {}}
-    clock, keep = time.perf_counter(), False
+    clock = time.perf_counter()
     try:
         path = stage / MODEL_FILE
         fp32_path = path if bits is None else stage / ".fp32" / MODEL_FILE
@@ -96,18 +97,14 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
         if cfg.parity:
             clock = time.perf_counter()
             gate = run_gate(model, tokenizer, path, quantized=bits is not None, num_threads=cfg.num_threads)
-            report["parity"] = gate.to_dict()
-            report["seconds"]["parity"] = round(time.perf_counter() - clock, 1)
-            if not gate.passed:
-                keep = True  # left for inspection; the error says where
-                raise ValueError(f"parity gate failed: {gate.reason}; export kept at {stage}, nothing written to {out}")
+            record_gate(gate, report, time.perf_counter() - clock, stage, out)
         if measure:
             clock = time.perf_counter()
             report.update(measure_sizes(path, report["unique_weight_bytes"]))
             report["seconds"]["measure"] = round(time.perf_counter() - clock, 1)
         commit(stage, out)
-    except BaseException:
-        if not keep:
+    except BaseException as e:
+        if not isinstance(e, GateFailed):  # a rejected export is left for inspection; the error says where
             shutil.rmtree(stage, ignore_errors=True)
         raise
     report["out"] = str(out)
@@ -115,14 +112,6 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
 
 
 # ----------------------------------------------------------------------------- 1. load
-
-
-def load_model(model_dir: Path):
-    """The folded model in fp32 (sharing kept: `.float()` converts each Parameter in place)."""
-    from compress.format import load_folded  # the only compress module export/ reads
-
-    model, tokenizer = load_folded(model_dir)
-    return model.float().eval(), tokenizer
 
 
 def kv_shape(config) -> tuple[int, int, int]:

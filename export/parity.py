@@ -174,3 +174,21 @@ def parity_gate(reference: StepFactory, candidate: StepFactory, prompt_ids: Sequ
         "ppl_reference": ppl_ref, "ppl_candidate": ppl_cand, "ppl_ratio": ratio, "ppl_change": ppl_cand - ppl_ref,
         "max_ppl_ratio": max_ppl_ratio, "text_tokens": len(text_ids), "token_agreement": agreement,
         "max_abs_diff": max(r["max_abs_diff"] for r in runs)})
+
+
+class GateFailed(ValueError):
+    """The parity gate rejected an export: it stays at `stage`; `report` holds what was measured."""
+
+    def __init__(self, message: str, stage, report: dict):
+        super().__init__(message)
+        self.stage, self.report = stage, report
+
+
+def record_gate(gate: ParityResult, report: dict, seconds: float, stage, out) -> None:
+    """Put the gate's result in `report`; raise GateFailed (naming where the export was kept
+    and that nothing was written to `out`) if it did not pass."""
+    report["parity"] = gate.to_dict()
+    report["seconds"]["parity"] = round(seconds, 1)
+    if not gate.passed:
+        raise GateFailed(f"parity gate failed: {gate.reason}; export kept at {stage}, nothing written to {out}",
+                         stage, report)

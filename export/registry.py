@@ -92,3 +92,11 @@ def check_paths(model_dir: Path, out: Path) -> None:
         raise FileNotFoundError(f"{model_dir}: no such model")
     if out == model_dir or model_dir in out.parents:
         raise ValueError(f"output {out} is inside the model directory {model_dir}; choose a path outside it")
+
+
+def load_model(model_dir: Path):
+    """The folded model in fp32 (sharing kept: `.float()` converts each Parameter in place)."""
+    from compress.format import load_folded  # the only compress module export/ reads
+
+    model, tokenizer = load_folded(model_dir)
+    return model.float().eval(), tokenizer
