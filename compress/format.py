@@ -84,12 +84,22 @@ def save_folded(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, pr
     return out
 
 
+def sync_files(path: Path) -> None:
+    """fsync a file, or every file under a directory: a rename after a crash must not point
+    at unwritten data, and clean pages are ones the kernel (and export.pages) can drop."""
+    path = Path(path)
+    for f in [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]:
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
 def replace_path(stage: Path, out: Path) -> None:
     """Put `stage` (a finished file or directory) at `out`, replacing what was there.
 
     Both live in one directory, so each rename is atomic; between the two renames
     the old artifact sits at a hidden sibling, never half-overwritten.
     """
+    sync_files(stage)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -40,6 +40,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from export.pages import mapped_resident, release_mapped_pages
+
 INSTALL_HINT = "pip install executorch==1.5.1"
 TOKENIZER_FILE = "tokenizer.json"
 METADATA = ("get_max_seq_len", "get_max_context_len", "get_vocab_size", "get_n_layers", "get_bos_id",
@@ -104,7 +106,8 @@ class PteLM:
     pass the program's context length.
     """
 
-    def __init__(self, pte, weight_cache: bool = True, num_threads: int | None = None, eos_ids=None):
+    def __init__(self, pte, weight_cache: bool = True, num_threads: int | None = None, eos_ids=None,
+                 release_pages: bool = True):
         pte = Path(pte)
         if not pte.is_file():
             raise FileNotFoundError(f"{pte}: no such .pte file")
@@ -129,6 +132,8 @@ class PteLM:
         self.tokenizer_path = pte.parent / TOKENIZER_FILE
         self._tokenizer = None
         self.position = 0
+        # XNNPACK packs the weights at the first forward; then the mapped file pages can go
+        self._release = [pte, *([ptd] if ptd else [])] if release_pages else []
 
     def _constant(self, name: str):
         values = self.module.run_method(name, [])
@@ -149,6 +154,9 @@ class PteLM:
                              f"context of {self.max_context} (export with a larger --max-context)")
         out = self.module.forward([torch.tensor([list(ids)], dtype=torch.long), torch.tensor([self.position], dtype=torch.long)])
         self.position += len(ids)
+        if self._release:
+            release_mapped_pages(self._release)
+            self._release = []
         return out[0].reshape(-1, self.vocab_size)[-1].numpy()
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
@@ -246,48 +254,38 @@ class PteLM:
 # ---------------------------------------------------------------------- resident memory
 
 
-def resident_memory(pte: Path, weight_cache: bool, prompt_tokens: int = 8) -> dict:
-    """Resident-set growth (bytes) from loading `pte`, then from its first forward
-    (a `prompt_tokens` prefill and one decode step), in a fresh process, one thread;
-    and the mean time of 8 further decode steps (a rough number on a shared machine)."""
-    code = "import sys; from export.executorch_runtime import _rss_probe; _rss_probe(sys.argv[1], sys.argv[2] == '1', int(sys.argv[3]))"
-    done = subprocess.run([sys.executable, "-c", code, str(pte), "1" if weight_cache else "0", str(prompt_tokens)],
-                          capture_output=True, text=True, timeout=1800,
+def resident_memory(pte: Path, weight_cache: bool, prompt_tokens: int = 8, release_pages: bool = True) -> dict:
+    """Resident-set growth (bytes) from loading `pte`, then from running it (a `prompt_tokens`
+    prefill and 9 decode steps), in a fresh process, one thread; and the mean time of the
+    last 8 decode steps (a rough number on a shared machine)."""
+    code = ("import sys; from export.executorch_runtime import _rss_probe; "
+            "_rss_probe(sys.argv[1], sys.argv[2] == '1', int(sys.argv[3]), sys.argv[4] == '1')")
+    done = subprocess.run([sys.executable, "-c", code, str(pte), "1" if weight_cache else "0", str(prompt_tokens),
+                           "1" if release_pages else "0"], capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     if done.returncode != 0:
         raise RuntimeError(f"resident-memory probe failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _rss_probe(pte: str, weight_cache: bool, prompt_tokens: int) -> None:
-    files = {str(Path(pte).resolve())} | ({str(data_file(Path(pte)).resolve())} if data_file(Path(pte)) else set())
+def _rss_probe(pte: str, weight_cache: bool, prompt_tokens: int, release_pages: bool) -> None:
+    files = [pte, *([data_file(Path(pte))] if data_file(Path(pte)) else [])]
 
     def status() -> dict:
         fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
         return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon")}
 
-    def mapped() -> int:
-        """Resident bytes of the mappings of the program's own files (mmap'ed weights)."""
-        total, current = 0, None
-        for line in Path("/proc/self/smaps").read_text().splitlines():
-            parts = line.split()
-            if parts and "-" in parts[0] and len(parts) >= 5:  # a mapping header: addr perms offset dev inode [path]
-                current = parts[5] if len(parts) > 5 else None
-            elif parts and parts[0] == "Rss:" and current in files:
-                total += int(parts[1]) * 1024
-        return total
-
     runtime()  # libraries, kernels and thread pool are the runtime's cost, not the model's
     before = status()
-    lm = PteLM(pte, weight_cache=weight_cache, num_threads=1)
-    loaded, loaded_mapped = status(), mapped()
+    lm = PteLM(pte, weight_cache=weight_cache, num_threads=1, release_pages=release_pages)
+    loaded, loaded_mapped = status(), mapped_resident(files)
     lm.prefill(list(range(prompt_tokens)))
     lm.step(1)
-    ran, ran_mapped = status(), mapped()
     clock = time.perf_counter()
-    for token in range(2, 10):
-        lm.step(token)
+    for token in range(100, 108):  # decode reads embedding rows the prefill did not
+        lm.step(token % lm.vocab_size)
     decode_ms = (time.perf_counter() - clock) / 8 * 1000
+    ran, ran_mapped = status(), mapped_resident(files)
     # model = anonymous growth (packed weights, planned memory, KV cache) + the program's file pages;
     # shared-library code paged in by the first run is left out (it is the same for every model)
     print(json.dumps({"load": loaded["RssAnon"] - before["RssAnon"] + loaded_mapped,

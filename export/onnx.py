@@ -43,7 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
+from compress.format import sync_files
 from export import onnx_graph
+from export.pages import mapped_resident, release_mapped_pages
 from export.parity import GateFailed, record_gate
 from export.registry import ExportConfig, Precision, check_paths, load_model, register_backend
 
@@ -100,6 +102,7 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
             record_gate(gate, report, time.perf_counter() - clock, stage, out)
         if measure:
             clock = time.perf_counter()
+            sync_files(stage)  # pages still waiting for writeback cannot be released (export.pages)
             report.update(measure_sizes(path, report["unique_weight_bytes"]))
             report["seconds"]["measure"] = round(time.perf_counter() - clock, 1)
         commit(stage, out)
@@ -196,8 +199,7 @@ def trace(model, path: Path, tied_head_rows: bool = True) -> dict:
 
 def quantize(src: Path, dst: Path, precision: Precision, group_size: int = 32) -> dict:
     if precision == Precision.INT8:
-        onnx_graph.quantize_int8(src, dst)
-        return {}
+        return {"tied_embedding_int8_rows": onnx_graph.quantize_int8(src, dst)["tied"]}
     stats = onnx_graph.quantize_int4(src, dst, block_size=group_size)
     return {"tied_embedding_int4": stats["tied"]}
 
@@ -273,11 +275,13 @@ class OnnxLM:
     (len(ids), vocab); `steps()` is a fresh-sequence factory for `export.parity`.
     """
 
-    def __init__(self, path, num_threads: int | None = None, prepack: bool = True):
+    def __init__(self, path, num_threads: int | None = None, prepack: bool = True, release_pages: bool = True):
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(str(path), session_options(num_threads, prepack),
                                             providers=["CPUExecutionProvider"])
+        if release_pages:  # prepacking has read the mapped weights; keep only the pages still used
+            release_mapped_pages(onnx_graph.model_files(Path(path)))
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.present_names = ["present." + n.removeprefix("past_key_values.") for n in self.past_names]
         shape = next(i.shape for i in self.session.get_inputs() if i.name == self.past_names[0])  # (B, kv_heads, P, head_dim)
@@ -364,27 +368,30 @@ def generate(artifact, prompt: str, max_new_tokens: int, on_token=None) -> list[
 def measure_sizes(path: Path, unique_bytes: int) -> dict:
     """Bytes on disk, bytes of ORT's saved optimized model, and session memory, over `unique_bytes`.
 
-    Session memory (see `session_rss`), with default options and with prepacking off:
+    Session memory (see `session_rss`) as `OnnxLM` runs by default (prepacking on, mapped
+    pages released after load), with the pages kept, and with prepacking off:
       rss_load          RSS growth from creating the session (mapped weights not yet
                         touched by a run are not resident, so this can be below 1)
       session_overhead  anonymous memory of a session that copies no weight (prepacking
                         off, weights memory-mapped): graph, kernels, session state
       resident_weights  anonymous memory allocated at load (copies, prepacked weights)
-                        minus session_overhead, plus the mapped weight pages one prefill
-                        touches; activations are left out
+                        minus session_overhead, plus the mapped weight pages resident after
+                        a prefill and 8 decode steps; activations are left out
     """
     disk = onnx_graph.model_bytes(path)
     optimized = ort_optimized_bytes(path)
-    rss = {"default": session_rss(path, prepack=True), "no_prepack": session_rss(path, prepack=False)}
+    rss = {"default": session_rss(path), "pages_kept": session_rss(path, release_pages=False),
+           "no_prepack": session_rss(path, prepack=False)}
     overhead = rss["no_prepack"]["load_anon"]
-    resident = {k: max(0, r["load_anon"] - overhead) + r["prefill_file"] for k, r in rss.items()}
+    resident = {k: max(0, r["load_anon"] - overhead) + r["run_file"] for k, r in rss.items()}
     ratio = lambda b: round(b / unique_bytes, 4)  # noqa: E731
     return {
         "bytes_on_disk": disk, "bytes_ort_optimized": optimized, "session_rss": rss,
         "session_overhead": overhead, "resident_weights": resident["default"],
-        "resident_weights_no_prepack": resident["no_prepack"],
+        "resident_weights_no_prepack": resident["no_prepack"], "resident_weights_pages_kept": resident["pages_kept"],
         "ratios": {"disk": ratio(disk), "ort_optimized": ratio(optimized), "rss_load": ratio(rss["default"]["load"]),
                    "resident_weights": ratio(resident["default"]),
+                   "resident_weights_pages_kept": ratio(resident["pages_kept"]),
                    "resident_weights_no_prepack": ratio(resident["no_prepack"])},
     }
 
@@ -402,23 +409,24 @@ def ort_optimized_bytes(path: Path) -> int:
         return sum(f.stat().st_size for f in Path(tmp).iterdir())
 
 
-def session_rss(path: Path, prepack: bool = True) -> dict:
+def session_rss(path: Path, prepack: bool = True, release_pages: bool = True) -> dict:
     """Resident-set growth (bytes) in a fresh process, after a warm-up session on a throwaway graph.
 
-    load / load_anon / load_file   after creating the session
-    prefill / prefill_*            after one 8-token prefill as well
+    load / load_anon / load_file   after creating the session (file: resident pages of the model's files)
+    run / run_*                    after an 8-token prefill and 8 decode steps as well
     """
-    code = "import sys; from export.onnx import _rss_probe; _rss_probe(sys.argv[1], sys.argv[2] == '1')"
+    code = ("import sys; from export.onnx import _rss_probe; "
+            "_rss_probe(sys.argv[1], sys.argv[2] == '1', sys.argv[3] == '1')")
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", code, str(path), "1" if prepack else "0"],
+    done = subprocess.run([sys.executable, "-c", code, str(path), "1" if prepack else "0", "1" if release_pages else "0"],
                           capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"RSS probe failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _rss_probe(path: str, prepack: bool) -> None:
+def _rss_probe(path: str, prepack: bool, release_pages: bool) -> None:
     import onnx
     import onnxruntime as ort
 
@@ -432,18 +440,22 @@ def _rss_probe(path: str, prepack: bool) -> None:
                                 providers=["CPUExecutionProvider"])
     warm.run(None, {"x": np.ones((1, 4), np.float32)})
 
-    def status() -> dict:
+    files = onnx_graph.model_files(Path(path))
+
+    def status() -> dict:  # RssFile counts library code too; "file" is the model's own mapped pages
         fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-        return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
+        return {**{k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon")}, "file": mapped_resident(files)}
 
     before = status()
-    lm = OnnxLM(path, num_threads=1, prepack=prepack)
+    lm = OnnxLM(path, num_threads=1, prepack=prepack, release_pages=release_pages)
     loaded = status()
-    lm.step(list(range(8)))
+    vocab = lm.step(list(range(8))).shape[-1]
+    for token in range(100, 108):  # decode reads embedding rows the prefill did not
+        lm.step([token % vocab])
     ran = status()
     grow = lambda now, key: now[key] - before[key]  # noqa: E731
-    print(json.dumps({"load": grow(loaded, "VmRSS"), "load_anon": grow(loaded, "RssAnon"), "load_file": grow(loaded, "RssFile"),
-                      "prefill": grow(ran, "VmRSS"), "prefill_anon": grow(ran, "RssAnon"), "prefill_file": grow(ran, "RssFile")}))
+    print(json.dumps({"load": grow(loaded, "VmRSS"), "load_anon": grow(loaded, "RssAnon"), "load_file": loaded["file"],
+                      "run": grow(ran, "VmRSS"), "run_anon": grow(ran, "RssAnon"), "run_file": ran["file"]}))
 
 
 # ----------------------------------------------------------------------------- 7. commit

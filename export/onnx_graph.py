@@ -8,6 +8,8 @@ Why these passes exist (measured on folded SmolLM2 and tiny Llamas):
     model ORT runs was 1.585x the unique bytes. `pretranspose_weights` stores W^T once and
     lets every MatMul read it directly; the tied embedding reads the same W^T through
     `Gather(axis=1)` + `Transpose`.
+  * int8 (dynamic): ORT prepacks the head's constant W^T_q and the embedding still reads
+    the raw one; `tied_rows_int8` makes the int8 rows the head's unpacked A input.
   * int4 (MatMulNBits) quantizes the lm_head's W^T but leaves the embedding Gather on
     the fp32 copy. `share_tied_embedding_int4` makes the embedding dequantize rows of
     the head's 4-bit tensor and scales instead, so the tied weight is stored once, in 4 bits.
@@ -110,6 +112,13 @@ def _head_as_rows(graph, weight, transposes) -> bool:
     return True
 
 
+def _rank(value) -> int | None:
+    """Rank of `value`, looking through a DynamicQuantizeLinear (the quantizer leaves its outputs unshaped)."""
+    if value.shape is None and value.producer() is not None and value.producer().op_type == "DynamicQuantizeLinear":
+        value = value.producer().inputs[0]
+    return None if value.shape is None else len(value.shape)
+
+
 def _axis(node) -> int:
     attr = node.attributes.get("axis")
     return attr.as_int() if attr is not None else 0
@@ -135,11 +144,12 @@ def clean(model) -> None:
 # ----------------------------------------------------------------------------- quantization
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
+def quantize_int8(src: Path, dst: Path) -> dict:
     """Dynamic int8 (per-tensor, symmetric weights) for every MatMul and Gather weight.
 
     The quantizer caches quantized initializers by name, so the tied W^T read by the
-    lm_head MatMul and the embedding Gather becomes one int8 tensor.
+    lm_head MatMul and the embedding Gather becomes one int8 tensor; `tied_rows_int8`
+    then stores it as rows (see there).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -150,9 +160,67 @@ def quantize_int8(src: Path, dst: Path) -> None:
         quantize_dynamic(src, raw, weight_type=QuantType.QInt8, use_external_data_format=True,
                          op_types_to_quantize=["MatMul", "Gather"])
     model = ir.load(raw)
+    stats = {"tied": tied_rows_int8(model)}
     clean(model)
     save(model, dst)
     _remove_model_files(raw)
+    return stats
+
+
+def tied_rows_int8(model) -> int:
+    """Store the 8-bit tied weight as rows W_q (V, H) that both of its readers use unpacked.
+
+    After `quantize_dynamic` the tied W^T_q (H, V) is the constant B of the head's
+    MatMulInteger, which ONNX Runtime prepacks into a copy, while the embedding's
+    Gather(axis=1) keeps reading the raw tensor a column at a time (one page per hidden
+    unit per token): the weight was resident twice. Rewritten:
+      embedding  DequantizeLinear(Gather(W_q, ids))                  rows, contiguous
+      head       Transpose(MatMulInteger(W_q, Transpose(x_q)))       W_q is the A input
+    A constant A is not prepacked, so the session holds the mapped W_q once (as fp32 does
+    with `pretranspose_weights(tied_head_rows=True)`). Returns the number of rewrites.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    done = 0
+    for name, wq in list(graph.initializers.items()):
+        if wq.const_value is None or len(wq.shape) != 2 or wq.dtype not in (ir.DataType.INT8, ir.DataType.UINT8):
+            continue
+        uses = [u.node for u in wq.uses()]
+        gathers = [n for n in uses if n.op_type == "Gather" and _axis(n) == 1]
+        heads = [n for n in uses if n.op_type == "MatMulInteger" and n.inputs[1] is wq]
+        if not gathers or len(gathers) + len(heads) != len(uses) or any(_rank(n.inputs[0]) != 3 for n in heads):
+            continue
+        chains = []
+        for gather in gathers:  # Gather(axis=1) -> DequantizeLinear -> Transpose(perm=[1.., 0])
+            dq = [u.node for u in gather.outputs[0].uses()]
+            tr = [u.node for d in dq for u in d.outputs[0].uses()]
+            if len(dq) != 1 or dq[0].op_type != "DequantizeLinear" or len(tr) != 1 or tr[0].op_type != "Transpose":
+                break
+            chains.append((gather, dq[0], tr[0]))
+        else:
+            rows = ir.Value(name=name + ".rows", shape=ir.Shape(wq.shape[::-1]), type=ir.TensorType(wq.dtype),
+                            const_value=ir.tensor(np.ascontiguousarray(wq.const_value.numpy().T), name=name + ".rows"))
+            graph.register_initializer(rows)
+            for gather, dq, tr in chains:
+                g = ir.node("Gather", [rows, gather.inputs[1]], {"axis": 0}, name=f"{gather.name}_rows")
+                d = ir.node("DequantizeLinear", [g.outputs[0], *dq.inputs[1:]], name=f"{dq.name}_rows")
+                d.outputs[0].type, d.outputs[0].shape = tr.outputs[0].type, tr.outputs[0].shape
+                graph.insert_before(gather, [g, d])
+                tr.outputs[0].replace_all_uses_with(d.outputs[0], replace_graph_outputs=True)
+                graph.remove([tr, dq, gather], safe=True)
+            for head in heads:
+                x, _, x_zp, w_zp = (list(head.inputs) + [None, None])[:4]
+                xt = ir.node("Transpose", [x], {"perm": [0, 2, 1]}, name=f"{head.name}_xT")  # (B, H, S)
+                mm = ir.node("MatMulInteger", [rows, xt.outputs[0], w_zp, x_zp], name=f"{head.name}_rows")  # (B, V, S)
+                back = ir.node("Transpose", [mm.outputs[0]], {"perm": [0, 2, 1]}, name=f"{head.name}_back")
+                back.outputs[0].type, back.outputs[0].shape = head.outputs[0].type, head.outputs[0].shape
+                graph.insert_before(head, [xt, mm, back])
+                head.outputs[0].replace_all_uses_with(back.outputs[0], replace_graph_outputs=True)
+                graph.remove(head, safe=True)
+            graph.initializers.pop(name)
+            done += 1
+    return done
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> dict:

@@ -82,7 +82,7 @@ def test_fp32_export_layout_and_report(fp32, folded):
     layout = report["pte_layout"]
     # weights: within a few hundred bytes of the unique bytes (the rest is rotary inv_freq and alignment)
     assert 0 <= layout["constant_segment"] + layout["named_data"] - report["unique_weight_bytes"] < 1024
-    for name in ("weight_cache", "no_weight_cache"):
+    for name in ("weight_cache", "pages_kept", "no_weight_cache"):
         assert report["resident"][name]["after_forward"] > 0
     assert set(report["files"]) == {"pte", "tokenizer"}
 
@@ -184,6 +184,25 @@ def test_quantized_weights_stored_once(quant, folded):
     assert abs(report["parity"]["details"]["ppl_ratio"] - 1) < 0.05
 
 
+def test_mapped_weight_pages_are_released_after_packing(tmp_path):
+    """With +emb8 the head's int8 rows are the gather's table: XNNPACK packs the head from
+    the mapped .ptd, after which PteLM gives the pages back and a run reads back only the
+    rows it gathers (fresh processes, as the memory probe measures). The vocabulary is
+    large enough that the table spans many pages."""
+    from export.executorch_runtime import resident_memory
+
+    model = tiny_model("llama", layers=2, hidden=128, vocab=16384)
+    path = save_folded(model, tmp_path / "model", tiny_tokenizer(), provenance={"method": "test"})
+    out = tmp_path / "out" / "model.pte"
+    export_executorch(path, out, ExportConfig(precision="8da4w", embedding_bits=8, max_context=CONTEXT), measure=False)
+    table = 16384 * 128  # int8 rows
+    kept = resident_memory(out, weight_cache=True, release_pages=False)
+    released = resident_memory(out, weight_cache=True)
+    assert kept["after_forward_file"] >= table  # packing read the whole table
+    assert released["after_forward_file"] < table / 4
+    assert released["after_forward"] < kept["after_forward"] - table / 2
+
+
 def test_unique_weight_bytes_definition(folded):
     model = folded[1]
     params = list({id(p): p for p in model.parameters()}.values())
@@ -251,6 +270,8 @@ def test_bad_config_is_one_error_before_any_work(folded, tmp_path):
         export_executorch(folded[0], out, ExportConfig(precision="int4"))
     with pytest.raises(ValueError, match="writes a .pte file"):
         export_executorch(folded[0], tmp_path / "model.onnx", ExportConfig())
+    with pytest.raises(ValueError, match=r"does not take \+emb4: .* stored twice"):
+        export_executorch(folded[0], out, ExportConfig.from_spec("8da4w+emb4"))
     with pytest.raises(ValueError, match=r"max_context 40 is below the parity gate's longest prompt"):
         export_executorch(folded[0], out, ExportConfig(max_context=40))
     with pytest.raises(ValueError, match="inside the model directory"):

@@ -187,14 +187,61 @@ def test_int8_shared_weights_quantized_once(int8, folded):
     out, report = int8
     model = folded[1]
     arrays = initializers(out / "model.onnx")
+    tied = model.model.embed_tokens.weight
     matrices = {id(p): p for p in model.parameters() if p.ndim == 2}  # linear weights + the tied embedding, once
-    quantized = [a for a in arrays.values() if a.dtype in (np.int8, np.uint8) and a.ndim == 2]  # tied W^T: uint8
-    assert sorted(a.shape for a in quantized) == sorted(tuple(p.shape[::-1]) for p in matrices.values())
+    quantized = [a for a in arrays.values() if a.dtype in (np.int8, np.uint8) and a.ndim == 2]  # tied: uint8
+    # Linear weights stored as W^T (MatMul's B); the tied weight as rows (see the next test)
+    assert sorted(a.shape for a in quantized) == sorted(tuple(p.shape if p is tied else p.shape[::-1])
+                                                        for p in matrices.values())
     assert not [n for n, a in arrays.items() if a.dtype == np.float32 and a.ndim == 2]
     assert report["initializers"]["bytes"] - report["unique_weight_bytes"] < 1024
     assert report["unique_weight_bytes"] == unique_weight_bytes(model, Precision.INT8)
     assert report["parity"]["passed"] and report["parity"]["kind"] == "perplexity"
     assert abs(report["parity"]["details"]["ppl_ratio"] - 1) < 0.05
+
+
+def test_int8_tied_weight_is_rows_read_unpacked(int8, folded):
+    """The 8-bit tied weight is the head's MatMulInteger A input (ORT prepacks only a
+    constant B) and the embedding gathers its rows; the logits match the model's."""
+    import onnx_ir as ir
+
+    out, report = int8
+    assert report["graph_passes"]["tied_embedding_int8_rows"] == 1
+    graph = ir.load(out / "model.onnx").graph
+    vocab, hidden = folded[1].model.embed_tokens.weight.shape
+    rows = [v for v in graph.initializers.values() if list(v.shape) == [vocab, hidden]]
+    assert len(rows) == 1
+    uses = {(u.node.op_type, u.idx, _axis_of(u.node)) for u in rows[0].uses()}
+    assert uses == {("Gather", 0, 0), ("MatMulInteger", 0, None)}
+    assert not [n for n in graph if n.op_type == "MatMulInteger" and list(n.inputs[1].shape or []) == [hidden, vocab]]
+
+
+def _axis_of(node):
+    return node.attributes["axis"].as_int() if node.op_type == "Gather" else None
+
+
+def test_session_releases_the_mapped_weight_pages(tmp_path):
+    """Prepacking reads every mapped weight page; OnnxLM gives them back after load and
+    the logits do not change (a page read again faults back in from the file). The vocabulary
+    is large enough that ORT maps the weights rather than copying them."""
+    from export.onnx_graph import model_files
+    from export.pages import mapped_resident
+
+    model = tiny_model("llama", layers=2, hidden=128, vocab=16384)
+    path = save_folded(model, tmp_path / "model", tiny_tokenizer(), provenance={"method": "test"})
+    export_onnx(path, tmp_path / "out", ExportConfig(precision="int4"), measure=False)
+    onnx_path = tmp_path / "out" / "model.onnx"
+    files = model_files(onnx_path)
+    ids = [3, 7, 42, 11]
+    kept = OnnxLM(onnx_path, num_threads=1, release_pages=False)
+    resident_kept = mapped_resident(files)
+    assert resident_kept > 512 * 1024  # the 4-bit embedding (~1.1 MB) was read by prepacking
+    logits = kept.step(ids)
+    del kept  # the kernel only reclaims pages that one mapping holds
+    released = OnnxLM(onnx_path, num_threads=1)
+    assert mapped_resident(files) < resident_kept / 4
+    np.testing.assert_array_equal(released.step(ids), logits)
+    assert mapped_resident(files) < resident_kept / 2  # a run reads back the rows it gathers, not the table
 
 
 def test_int4_shared_weights_quantized_once(int4, folded):
