@@ -151,7 +151,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       profile=args.profile, cores=args.cores, torch_eager=not args.no_torch,
                       prompt_lengths=tuple(int(n) for n in args.prompt_lengths.split(",")),
                       decode_tokens=args.decode_tokens, warmup=args.warmup, repeats=args.repeats,
-                      memory_cap=not args.no_memory_cap)
+                      rounds=args.rounds, memory_cap=not args.no_memory_cap)
     result = bench(cfg)
     print(f"report written to {result['files']['markdown']}")
     return 0
@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-lengths", default="32,128,512")
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed TTFT runs per prompt length")
+    p.add_argument("--rounds", type=int, default=5, help="timed decode rounds (compared runs side by side, alternating)")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch eager on the model directories")
     p.add_argument("--no-memory-cap", action="store_true", help="do not cap address space at the profile's app budget")
     p.set_defaults(func=cmd_bench)

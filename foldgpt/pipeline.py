@@ -58,7 +58,8 @@ class RunConfig:
     exports: tuple[tuple[str, str], ...] = DEFAULT_EXPORTS
     max_context: int = 640  # static KV cache of the ExecuTorch programs: 512-token prompts + 128 decoded
     profile: str | None = None  # default: runtime_tests' default profile
-    repeats: int = 3
+    repeats: int = 3  # TTFT runs per prompt length
+    rounds: int = 5  # decode rounds, dense beside folded (runtime_tests.latency.decode_rounds)
     bench: bool = True
     seq_len: int = 256
     gate_steps: int = 60
@@ -122,7 +123,7 @@ def run(cfg: RunConfig) -> dict:
         if peer:  # llama.cpp on the dense model in 4 bits: the peer the 4-bit exports are compared with
             artifacts["dense"]["llamacpp:q4_1"] = peer
         bench_cfg = BenchConfig(models={"dense": str(dense_dir), "folded": str(folded_dir)}, artifacts=artifacts,
-                                out=str(out / "bench"), repeats=cfg.repeats,
+                                out=str(out / "bench"), repeats=cfg.repeats, rounds=cfg.rounds,
                                 **({"profile": cfg.profile} if cfg.profile else {}))
         bench_result = bench(bench_cfg)
         timings["bench_s"] = time.monotonic() - t

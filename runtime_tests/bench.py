@@ -10,8 +10,12 @@ Stages:
                than the machine has -> ValueError), before any measurement
   2. bandwidth STREAM triad on the pinned cores: this machine's measured bandwidth
   3. measure   per model x runtime, each in a fresh pinned, memory-capped process:
-               memory (RSS after load, peak), then latency (TTFT, decode); a missing
-               artifact, an error or an OOM is recorded and the rest still runs
+               memory (RSS after load, peak), then TTFT; a missing artifact, an error
+               or an OOM is recorded and the rest still runs. Then decode, per group
+               of runs that are compared (one backend:precision across models, with
+               llama.cpp joining each 4-bit group): the group's runners side by side in
+               one process, in alternating rounds (latency.decode_rounds), so a ratio
+               is taken round by round under the same machine conditions
   4. project   roofline decode tokens/s on this machine and on the target, streaming
                and with shared blocks cache-resident, labelled projections
   5. report    bench.json, report.md and plots in `out` (runtime_tests.report)
@@ -26,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runtime_tests.emulate import Isolation, project_decode, run_isolated, shape_of
-from runtime_tests.latency import DECODE_TOKENS, PRELOAD, PROMPT_LENGTHS, RUNNERS
+from runtime_tests.latency import DECODE_TOKENS, PRELOAD, PROMPT_LENGTHS, RUNNERS, decode_summary, round_ratio
 from runtime_tests.memory import artifact_bytes, weight_bytes, weights_check
 from runtime_tests.profiles import DEFAULT_PROFILE, check_cores, load_profile
 
@@ -52,7 +56,8 @@ class BenchConfig:
     prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS
     decode_tokens: int = DECODE_TOKENS
     warmup: int = 1
-    repeats: int = 5
+    repeats: int = 5                                         # TTFT repeats per prompt length
+    rounds: int = 5                                          # decode rounds per compared group
     memory_cap: bool = True                                  # RLIMIT_AS at the profile's app budget
     budget_mb: float | None = None                           # override the profile's budget (tests)
 
@@ -68,8 +73,8 @@ class BenchConfig:
                     raise ValueError(f"artifact {key!r}: unknown backend {backend!r}; known: {', '.join(sorted(RUNNERS))}")
                 if (precision or "fp32").partition("+")[0] not in BYTES_PER_PARAM:
                     raise ValueError(f"artifact {key!r}: unknown precision; known: {', '.join(BYTES_PER_PARAM)}")
-        if self.repeats < 1 or self.decode_tokens < 1 or not self.prompt_lengths:
-            raise ValueError("repeats and decode_tokens must be at least 1, and prompt_lengths non-empty")
+        if self.repeats < 1 or self.rounds < 1 or self.decode_tokens < 1 or not self.prompt_lengths:
+            raise ValueError("repeats, rounds and decode_tokens must be at least 1, and prompt_lengths non-empty")
 
 
 def bench(cfg: BenchConfig) -> dict:
@@ -97,17 +102,23 @@ def bench(cfg: BenchConfig) -> dict:
     # 3. measure (+ 4. project, per run)
     for name, model_dir in cfg.models.items():
         info = describe_model(model_dir)
-        result["models"][name] = {k: v for k, v in info.items() if k != "shape_obj"}
+        result["models"][name] = info
         runs = ([("torch", "fp32", model_dir)] if cfg.torch_eager else []) + [
             (key.partition(":")[0], key.partition(":")[2] or "fp32", path) for key, path in cfg.artifacts.get(name, {}).items()]
         for backend, precision, path in runs:
             _progress("measure", f"{name} / {backend} {precision}")
-            run = measure_one(name, backend, precision, path, info, cfg, iso)
-            run["projection"] = project(info["shape_obj"], precision, run, profile, host_gbs, cfg)
-            result["runs"].append(run)
+            result["runs"].append(measure_one(name, backend, precision, path, info, cfg, iso))
+    result["decode_groups"] = {}
+    for key, members in decode_groups(result["runs"]).items():
+        _progress("decode", f"{key}: {', '.join(label(r) for r in members)} in alternating rounds")
+        result["decode_groups"][key] = measure_decode(members, cfg, iso)
+    for run in result["runs"]:
+        run["projection"] = project(result["models"][run["model"]]["shape_obj"], run["precision"], run, profile, host_gbs, cfg)
 
     result["emulation"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["ratios"] = ratios(result)
+    for info in result["models"].values():
+        info.pop("shape_obj")
     # 5. report
     from runtime_tests.report import write_report
 
@@ -151,21 +162,21 @@ def measure_one(name: str, backend: str, precision: str, path: str, info: dict, 
     max_ctx = max(cfg.prompt_lengths) + cfg.decode_tokens
     run["sizes"] = {"artifact_bytes": artifact_bytes(path), "weight_file_bytes": weight_bytes(path),
                     "kv_cache_bytes_at": {str(n): int(shape.kv_bytes(n)) for n in (*cfg.prompt_lengths, max_ctx)}}
-    needs_mb = (run["sizes"]["weight_file_bytes"] + shape.kv_bytes(max_ctx)) / MB
+    needs_mb = run["needs_mb"] = (run["sizes"]["weight_file_bytes"] + shape.kv_bytes(max_ctx)) / MB
     common = {"backend": backend, "artifact": str(path), "threads": iso.threads}
-    vocab = shape.vocab
+    vocab = run["vocab"] = shape.vocab
     mem = run_isolated("runtime_tests.memory:memory_job", {**common, "vocab": vocab}, iso,
                        preload=PRELOAD[backend], needs_mb=needs_mb)
     run["memory"] = mem.get("result") or {k: v for k, v in mem.items() if k != "result"}
     if mem["status"] == "ok":
         unique_b, effective_b = info["unique_params"] * bpp, info["effective_params"] * bpp
-        run["memory"]["weights_check"] = weights_check(mem["result"]["rss_after_load"], int(unique_b), int(effective_b))
+        run["memory"]["weights_check"] = weights_check(mem["result"]["rss_after_run"], int(unique_b), int(effective_b))
         run["affinity_seen"] = mem.get("affinity")
     if mem["status"] != "ok":
         run.update(status=mem["status"], message=mem.get("message"))
         return run
     lat = run_isolated("runtime_tests.latency:latency_job",
-                       {**common, "prompt_lengths": list(cfg.prompt_lengths), "decode_tokens": cfg.decode_tokens,
+                       {**common, "prompt_lengths": list(cfg.prompt_lengths), "decode_tokens": 0,
                         "warmup": cfg.warmup, "repeats": cfg.repeats, "vocab": vocab},
                        iso, preload=PRELOAD[backend], needs_mb=needs_mb)
     run["latency"] = lat.get("result")
@@ -187,30 +198,72 @@ def project(shape, precision: str, run: dict, profile, host_gbs: float | None, c
     return out
 
 
+def label(run: dict) -> str:
+    return f"{run['model']}/{run['backend']}:{run['precision']}"
+
+
+def decode_groups(runs: list[dict]) -> dict[str, list[dict]]:
+    """The runs whose decode speeds are compared, grouped to be measured together: each
+    backend:precision across models, and llama.cpp (the peer) in every 4-bit group."""
+    ok = [r for r in runs if r.get("status") == "ok"]
+    peers = [r for r in ok if r["backend"] == "llamacpp"]
+    groups: dict[str, list[dict]] = {}
+    for r in ok:
+        if r["backend"] != "llamacpp":
+            groups.setdefault(f"{r['backend']}:{r['precision']}", []).append(r)
+    for key, members in groups.items():
+        if bytes_per_param(members[0]["precision"]) < 1:
+            members.extend(peers)
+    if peers and not any(p in members for members in groups.values() for p in peers):
+        groups["llamacpp"] = peers
+    return groups
+
+
+def measure_decode(members: list[dict], cfg: BenchConfig, iso: Isolation) -> dict:
+    """Decode rounds of one group in one pinned, capped process; fills each member's
+    latency["decode_*"] (a member in several groups keeps its first group's numbers)."""
+    vocab = max(r["vocab"] for r in members)
+    record = run_isolated("runtime_tests.latency:decode_rounds_job",
+                          {"entries": [[label(r), r["backend"], r["artifact"]] for r in members], "threads": iso.threads,
+                           "rounds": cfg.rounds, "decode_tokens": cfg.decode_tokens,
+                           "prompt_len": min(cfg.prompt_lengths), "warmup": cfg.warmup, "vocab": vocab},
+                          iso, preload=tuple(dict.fromkeys(m for r in members for m in PRELOAD[r["backend"]])),
+                          needs_mb=sum(r["needs_mb"] for r in members))
+    if record["status"] != "ok":
+        return {"members": [label(r) for r in members], "status": record["status"], "message": record.get("message")}
+    rounds = record["result"]
+    for r in members:
+        lat = r.setdefault("latency", {})
+        if "decode_ms_per_token" not in lat:
+            lat.update(decode_summary(rounds["ms_per_token"][label(r)]), decode_tokens=rounds["decode_tokens"],
+                       decode_after_prompt=rounds["decode_after_prompt"], rounds=rounds["rounds"])
+    return {"members": [label(r) for r in members], "status": "ok", **rounds}
+
+
 def ratios(result: dict) -> dict:
-    """Folded vs dense decode speed on the same runtime, and the issue's target ratio."""
+    """Folded vs dense decode speed on the same runtime, and each 4-bit export vs llama.cpp
+    on the dense model: medians of per-round ratios within a decode group."""
     models = result["models"]
     dense = next((n for n in models if n == "dense"), None)
     if dense is None:
         return {}
-    speed = {(r["model"], r["backend"], r["precision"]): (r.get("latency") or {}).get("decode_tokens_per_s", {}).get("p50")
-             for r in result["runs"] if r.get("status") == "ok"}
     out = {}
-    for (name, backend, precision), tps in speed.items():
-        base = speed.get((dense, backend, precision))
-        if name == dense or not tps or not base:
+    for key, group in result.get("decode_groups", {}).items():
+        if group.get("status") != "ok":
             continue
-        target = models[dense]["depth"] / models[name]["depth"] * 0.95
-        out[f"{name}/{backend}:{precision}"] = {"decode_speedup_vs_dense": round(tps / base, 3),
-                                                "target": round(target, 3), "meets_target": tps / base >= target}
-    # the peer: llama.cpp on the dense model, 4-bit, same cores; each 4-bit export is compared with it
-    peer = next(((k, v) for k, v in speed.items() if k[0] == dense and k[1] == "llamacpp" and v), None)
-    if peer is not None:
-        (_, _, peer_precision), peer_tps = peer
-        for (name, backend, precision), tps in speed.items():
-            if backend != "llamacpp" and bytes_per_param(precision) < 1 and tps:
-                out[f"{name}/{backend}:{precision} vs dense/llamacpp:{peer_precision}"] = {
-                    "decode_speed_vs_llamacpp": round(tps / peer_tps, 3), "target": 1.0, "meets_target": tps >= peer_tps}
+        ms = group["ms_per_token"]
+        for name in ms:
+            model, _, runtime = name.partition("/")
+            backend, _, precision = runtime.partition(":")
+            base = f"{dense}/{runtime}"
+            if model != dense and base in ms:
+                speedup = round_ratio(ms[base], ms[name])
+                target = models[dense]["depth"] / models[model]["depth"] * 0.95
+                out[f"{name}"] = {"decode_speedup_vs_dense": speedup, "target": round(target, 3),
+                                  "meets_target": speedup >= target, "rounds": len(ms[name])}
+            peer = next((p for p in ms if p.startswith(f"{dense}/llamacpp:")), None)
+            if peer and backend != "llamacpp" and bytes_per_param(precision) < 1:
+                speed = round_ratio(ms[peer], ms[name])
+                out[f"{name} vs {peer}"] = {"decode_speed_vs_llamacpp": speed, "target": 1.0,
+                                            "meets_target": speed >= 1.0, "rounds": len(ms[name])}
     return out
-
-

@@ -81,29 +81,30 @@ def markdown(result: dict, files: dict | None = None) -> str:
                      f"{_fmt(tgt.get('tokens_per_s_cache_resident'))} (projection) | {_fmt((tgt.get('bytes_per_token') or 0) / MB, 2)} |")
 
     lines += ["", "## Memory (measured, fresh process per run)", "",
-              "| model | runtime | RSS after load MB | peak RSS MB | weight files MB | KV cache MB (max context) | "
-              "RSS / unique weights | RSS / effective weights | follows unique |", "|---|---|---|---|---|---|---|---|---|"]
+              "| model | runtime | RSS after load MB | RSS after a run MB | peak RSS MB | weight files MB | "
+              "KV cache MB (max context) | RSS after run / unique weights | / effective weights | follows unique |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         m, s = r.get("memory") or {}, r.get("sizes") or {}
         wc = m.get("weights_check") or {}
         kv = s.get("kv_cache_bytes_at") or {}
         kv_max = max(kv.values()) / MB if kv else None
         if "rss_after_load" not in m:
-            lines.append(f"| {r['model']} | {r['backend']} {r['precision']} | {m.get('message') or r.get('message')} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['backend']} {r['precision']} | {m.get('message') or r.get('message')} | | | | | | | |")
             continue
         lines.append(f"| {r['model']} | {r['backend']} {r['precision']} | {_fmt(m['rss_after_load'] / MB)} | "
-                     f"{_fmt(m['peak_rss'] / MB)} | {_fmt(s.get('weight_file_bytes', 0) / MB)} | {_fmt(kv_max)} | "
+                     f"{_fmt(m['rss_after_run'] / MB)} | {_fmt(m['peak_rss'] / MB)} | {_fmt(s.get('weight_file_bytes', 0) / MB)} | {_fmt(kv_max)} | "
                      f"{_fmt(wc.get('rss_over_unique'), 3)} | {_fmt(wc.get('rss_over_effective'), 3)} | {wc.get('follows_unique')} |")
 
     if result.get("ratios"):
-        lines += ["", "## Folded vs dense (same runtime, same cores, one run)", "",
+        lines += ["", "## Folded vs dense (same runtime, same cores, alternating rounds in one process)", "",
                   "| model/runtime | decode speed vs dense | target (dense depth / folded depth x 0.95) | meets |", "|---|---|---|---|"]
         for k, v in result["ratios"].items():
             if "decode_speedup_vs_dense" in v:
                 lines.append(f"| {k} | {v['decode_speedup_vs_dense']} | {v['target']} | {v['meets_target']} |")
         peers = {k: v for k, v in result["ratios"].items() if "decode_speed_vs_llamacpp" in v}
         if peers:
-            lines += ["", "## 4-bit exports vs llama.cpp on the dense model (same cores, one run)", "",
+            lines += ["", "## 4-bit exports vs llama.cpp on the dense model (same cores, alternating rounds)", "",
                       "| comparison | decode speed vs llama.cpp | meets (>= 1) |", "|---|---|---|"]
             lines += [f"| {k} | {v['decode_speed_vs_llamacpp']} | {v['meets_target']} |" for k, v in peers.items()]
 
@@ -112,9 +113,14 @@ def markdown(result: dict, files: dict | None = None) -> str:
     lines += ["", "## Method", "",
               "Each measurement runs in a fresh Python process pinned with sched_setaffinity; the runtime is imported "
               "before the memory cap is set, so the cap and the RSS numbers are the model's growth over the runtime. "
-              f"TTFT: prefill + first argmax; decode: {result['config']['decode_tokens']} greedy steps after the "
-              f"shortest prompt; {result['config']['warmup']} warm-up + {result['config']['repeats']} timed runs, p50/p90 "
-              "over the timed runs. Prompt ids are seeded random tokens.", ""]
+              f"TTFT: prefill + first argmax, {result['config']['warmup']} warm-up + {result['config']['repeats']} timed "
+              f"runs, p50/p90 over the timed runs. Decode: {result['config']['decode_tokens']} greedy steps after the "
+              "shortest prompt; the runs that are compared (one runtime and precision across models, llama.cpp with "
+              "each 4-bit group) are loaded side by side in one process and timed in alternating rounds "
+              f"({result['config']['warmup']} warm-up + {result['config'].get('rounds', '?')} timed, order reversed "
+              "every round); p50/p90 over the rounds, and every ratio is the median of the per-round ratios, so load "
+              "from other tenants of this shared machine hits both sides of a ratio alike. Prompt ids are seeded "
+              "random tokens.", ""]
     return "\n".join(lines)
 
 

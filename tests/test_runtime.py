@@ -188,20 +188,57 @@ def test_llamacpp_runner_reads_the_last_positions_logits(tmp_path, monkeypatch):
         make_runner("llamacpp", tmp_path / "model.pte")
 
 
-def test_ratios_compare_4bit_exports_with_llamacpp():
-    from runtime_tests.bench import ratios
+def test_ratios_are_per_round_medians_within_a_decode_group():
+    from runtime_tests.bench import decode_groups, ratios
 
-    run = lambda model, backend, precision, tps: {"model": model, "backend": backend, "precision": precision,  # noqa: E731
-                                                  "status": "ok", "latency": {"decode_tokens_per_s": {"p50": tps}}}
+    run = lambda model, backend, precision: {"model": model, "backend": backend, "precision": precision,  # noqa: E731
+                                             "status": "ok"}
+    runs = [run("dense", "executorch", "8da4w+emb8"), run("folded", "executorch", "8da4w+emb8"),
+            run("dense", "llamacpp", "q4_1"), run("dense", "onnx", "fp32"), run("folded", "onnx", "fp32"),
+            {**run("folded", "torch", "fp32"), "status": "missing"}]
+    groups = decode_groups(runs)
+    # llama.cpp joins the 4-bit group only; a run that did not work is in none
+    assert {k: [(r["model"], r["backend"]) for r in v] for k, v in groups.items()} == {
+        "executorch:8da4w+emb8": [("dense", "executorch"), ("folded", "executorch"), ("dense", "llamacpp")],
+        "onnx:fp32": [("dense", "onnx"), ("folded", "onnx")]}
+    # a slow phase of the machine (round 2) slows every member; per-round ratios cancel it,
+    # while comparing each member's own median would not
+    et = {"dense/executorch:8da4w+emb8": [5.0, 10.0, 5.0], "folded/executorch:8da4w+emb8": [4.0, 8.0, 4.4],
+          "dense/llamacpp:q4_1": [6.0, 12.0, 6.0]}
     result = {"models": {"dense": {"depth": 30}, "folded": {"depth": 27}},
-              "runs": [run("dense", "executorch", "8da4w+emb8", 100.0), run("folded", "executorch", "8da4w+emb8", 120.0),
-                       run("dense", "llamacpp", "q4_1", 110.0), run("folded", "onnx", "fp32", 50.0)]}
+              "decode_groups": {"executorch:8da4w+emb8": {"status": "ok", "ms_per_token": et},
+                                "onnx:fp32": {"status": "error", "message": "x"}}}
     out = ratios(result)
-    assert out["folded/executorch:8da4w+emb8"] == {"decode_speedup_vs_dense": 1.2, "target": 1.056, "meets_target": True}
+    assert out["folded/executorch:8da4w+emb8"] == {"decode_speedup_vs_dense": 1.25, "target": 1.056,
+                                                   "meets_target": True, "rounds": 3}
     peer = out["folded/executorch:8da4w+emb8 vs dense/llamacpp:q4_1"]
-    assert peer == {"decode_speed_vs_llamacpp": round(120 / 110, 3), "target": 1.0, "meets_target": True}
-    assert out["dense/executorch:8da4w+emb8 vs dense/llamacpp:q4_1"]["meets_target"] is False
-    assert not any("onnx:fp32 vs" in k for k in out)  # only 4-bit exports meet the 4-bit peer
+    assert peer == {"decode_speed_vs_llamacpp": 1.5, "target": 1.0, "meets_target": True, "rounds": 3}
+    assert out["dense/executorch:8da4w+emb8 vs dense/llamacpp:q4_1"]["decode_speed_vs_llamacpp"] == 1.2
+    assert not any(k.startswith("folded/onnx") for k in out)  # its group failed: no ratio
+
+
+def test_decode_rounds_alternate_the_runners(models):
+    from runtime_tests.latency import decode_rounds
+
+    order = []
+
+    class Recording(TorchRunner):
+        def __init__(self, name, *args, **kw):
+            self.name = name  # set first: the base __init__ calls reset()
+            super().__init__(*args, **kw)
+
+        def reset(self):
+            order.append(self.name)
+            super().reset()
+
+    runners = {"a": Recording("a", models[0], threads=1), "b": Recording("b", models[1], threads=1)}
+    order.clear()
+    r = decode_rounds(runners, rounds=3, decode_tokens=2, prompt_len=4, warmup=1, vocab=99)
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up round, then 3 timed, order reversed each round
+    assert {k: len(v) for k, v in r["ms_per_token"].items()} == {"a": 3, "b": 3}
+    assert all(v > 0 for t in r["ms_per_token"].values() for v in t)
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        decode_rounds(runners, rounds=0)
 
 
 def test_weights_check_tells_unique_from_effective():
