@@ -19,13 +19,16 @@ Stages of `export_executorch` (each a function below):
                head (any precision without embedding_bits) is left out of the delegate, as
                mm(W, h^T), so both read the same program constant; an 8-bit head stays in XNNPACK and every weight goes to OUT.ptd,
                where its int8 rows and scales are byte-identical to the embedding_byte table
-               and stored once. A 4-bit embedding cannot be shared that way (XNNPACK and
-               embedding_4bit pack nibbles differently): it is stored twice, and says so.
+               and stored once (in memory too: `PteLM` releases the mapped .ptd pages once
+               XNNPACK has packed the head, see `export.pages`). A 4-bit embedding cannot
+               be shared that way (XNNPACK and embedding_4bit pack nibbles differently), so
+               embedding_bits=4 is refused.
   5. package   tokenizer.json (the fast tokenizer file the runner reads)
   6. gate      `export.parity` against PyTorch (fp32: logits + 32 greedy tokens; quantized:
                perplexity); a failed gate leaves the export at its temporary path
   7. measure   file bytes over the unique weight bytes; resident memory after load and after
-               the first forward in a fresh process, with and without XNNPACK's weight cache
+               a run in a fresh process: as PteLM runs, with the mapped pages kept, and
+               without XNNPACK's weight cache
   8. commit    rename the files from the temporary directory beside OUT
 
 Raises FileNotFoundError / ValueError (one line) for a path that is not a model, an OUT

@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (onnx) or .pte file (executorch)")
     p.add_argument("--precision", default="fp32", help="fp32, int8, int4 (onnx) or 8da4w (executorch)")
     p.add_argument("--max-context", type=int, default=512, help="KV-cache length for static-cache backends")
-    p.add_argument("--embedding-bits", type=int, default=None, help="quantize the tied embedding to 4 or 8 bits")
+    p.add_argument("--embedding-bits", type=int, default=None, help="executorch: quantize the tied embedding and head to 8 bits (one tensor; 4 is refused: stored twice)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity gate (not recommended)")
     p.set_defaults(func=cmd_export)
 
