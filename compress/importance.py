@@ -202,9 +202,10 @@ def learn_gates(model: nn.Module, data: torch.Tensor, cfg: GateConfig) -> GateRe
         model.train(was_training)
     # Finish the anneal: lower T until the R-th and (R+1)-th logits are 10 T apart, so the
     # budget projection leaves exactly R gates near 0 (ties aside) even after a short run.
-    order = torch.argsort(gates.logits.detach()).tolist()
+    logits = gates.logits.detach()
+    order = torch.argsort(logits).tolist()
     if 0 < cfg.num_remove < n_blocks:
-        gap = float(gates.logits[order[cfg.num_remove]] - gates.logits[order[cfg.num_remove - 1]])
+        gap = float(logits[order[cfg.num_remove]] - logits[order[cfg.num_remove - 1]])
         gates.temperature = min(gates.temperature, max(gap, 1e-6) / 10)
         _project_to_budget(gates.logits, weights, target, gates.temperature)
     final = gates.values().detach()
