@@ -44,7 +44,6 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.format import sync_files
 from export import onnx_graph
 from export.pages import mapped_resident, release_mapped_pages
 from export.parity import GateFailed, record_gate
@@ -103,6 +102,8 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
             record_gate(gate, report, time.perf_counter() - clock, stage, out)
         if measure:
             clock = time.perf_counter()
+            from compress.format import sync_files  # here: the runtime half (OnnxLM) must not import torch
+
             sync_files(stage)  # pages still waiting for writeback cannot be released (export.pages)
             report.update(measure_sizes(path, report["unique_weight_bytes"]))
             report["seconds"]["measure"] = round(time.perf_counter() - clock, 1)

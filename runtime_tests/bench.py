@@ -119,6 +119,7 @@ def bench(cfg: BenchConfig) -> dict:
 
     result["emulation"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["ratios"] = ratios(result)
+    result["memory_vs_dense"] = memory_vs_dense(result)
     for info in result["models"].values():
         info.pop("shape_obj")
     # 5. report
@@ -266,4 +267,28 @@ def ratios(result: dict) -> dict:
                 speed = round(float(np.median(all_ms[peer]) / np.median(ms[name])), 3)
                 out[f"{name} vs {peer}"] = {"decode_speed_vs_llamacpp": speed, "target": 1.0,
                                             "meets_target": speed >= 1.0, "paired": False}
+    return out
+
+
+def memory_vs_dense(result: dict) -> dict:
+    """Does a folded model's resident memory shrink by its unique or its effective parameter
+    saving? Differences against dense on the same runtime cancel what both runs hold besides
+    weights (runtime buffers, activations, KV cache), which a ratio to the weights does not."""
+    models = result["models"]
+    if "dense" not in models:
+        return {}
+    rss = {(r["model"], r["backend"], r["precision"]): r["memory"]["rss_after_run"]
+           for r in result["runs"] if r.get("status") == "ok" and "rss_after_run" in (r.get("memory") or {})}
+    out = {}
+    for (model, backend, precision), value in rss.items():
+        base = rss.get(("dense", backend, precision))
+        if model == "dense" or base is None:
+            continue
+        bpp = bytes_per_param(precision)  # the models differ only in blocks, stored at this precision
+        unique = (models["dense"]["unique_params"] - models[model]["unique_params"]) * bpp
+        effective = (models["dense"]["effective_params"] - models[model]["effective_params"]) * bpp
+        saved = base - value
+        out[f"{model}/{backend}:{precision}"] = {
+            "rss_saved": saved, "unique_saving": int(unique), "effective_saving": int(effective),
+            "follows_unique": abs(saved - unique) < abs(saved - effective)}
     return out

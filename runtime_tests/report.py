@@ -82,19 +82,26 @@ def markdown(result: dict, files: dict | None = None) -> str:
 
     lines += ["", "## Memory (measured, fresh process per run)", "",
               "| model | runtime | RSS after load MB | RSS after a run MB | peak RSS MB | weight files MB | "
-              "KV cache MB (max context) | RSS after run / unique weights | / effective weights | follows unique |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "KV cache MB (max context) | RSS after run / unique weights | / effective weights |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         m, s = r.get("memory") or {}, r.get("sizes") or {}
         wc = m.get("weights_check") or {}
         kv = s.get("kv_cache_bytes_at") or {}
         kv_max = max(kv.values()) / MB if kv else None
         if "rss_after_load" not in m:
-            lines.append(f"| {r['model']} | {r['backend']} {r['precision']} | {m.get('message') or r.get('message')} | | | | | | | |")
+            lines.append(f"| {r['model']} | {r['backend']} {r['precision']} | {m.get('message') or r.get('message')} | | | | | | |")
             continue
         lines.append(f"| {r['model']} | {r['backend']} {r['precision']} | {_fmt(m['rss_after_load'] / MB)} | "
                      f"{_fmt(m['rss_after_run'] / MB)} | {_fmt(m['peak_rss'] / MB)} | {_fmt(s.get('weight_file_bytes', 0) / MB)} | {_fmt(kv_max)} | "
-                     f"{_fmt(wc.get('rss_over_unique'), 3)} | {_fmt(wc.get('rss_over_effective'), 3)} | {wc.get('follows_unique')} |")
+                     f"{_fmt(wc.get('rss_over_unique'), 3)} | {_fmt(wc.get('rss_over_effective'), 3)} |")
+    if result.get("memory_vs_dense"):
+        lines += ["", "Does resident memory follow unique parameters? RSS after a run, dense minus folded on the same "
+                  "runtime, against the unique and the effective parameter saving at the runtime's precision:", "",
+                  "| model/runtime | RSS saved MB | unique saving MB | effective saving MB | follows unique |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {k} | {_fmt(v['rss_saved'] / MB)} | {_fmt(v['unique_saving'] / MB)} | "
+                  f"{_fmt(v['effective_saving'] / MB)} | {v['follows_unique']} |" for k, v in result["memory_vs_dense"].items()]
 
     if result.get("ratios"):
         lines += ["", "## Folded vs dense (same runtime, same cores, alternating rounds in one process)", "",
