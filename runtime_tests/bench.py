@@ -101,7 +101,7 @@ def bench(cfg: BenchConfig) -> dict:
     result["host_bandwidth"] = bw.get("result") or {"error": bw.get("message")}
     host_gbs = (bw.get("result") or {}).get("triad_gbs")
 
-    # 3. measure (+ 4. project, per run)
+    # 3. measure: memory and TTFT per run, then decode per group; 4. project
     for name, model_dir in cfg.models.items():
         info = describe_model(model_dir)
         result["models"][name] = info
@@ -207,9 +207,9 @@ def label(run: dict) -> str:
 
 def decode_groups(runs: list[dict]) -> dict[str, list[dict]]:
     """The runs whose decode speeds are compared, grouped to be measured together: each
-    backend:precision across models. Runtimes are not mixed in one process: with llama.cpp
-    beside ExecuTorch, llama.cpp decoded ~3.5x slower than alone (the two thread pools
-    compete for the same cores), so llama.cpp is a group of its own."""
+    backend:precision across models. Runtimes are not mixed in one process: beside ExecuTorch,
+    llama.cpp decoded at 29-31 ms/token against 7.2-8.3 alone (the two thread pools compete
+    for the same cores; benchmarks/results/foldgpt_run), so llama.cpp is a group of its own."""
     groups: dict[str, list[dict]] = {}
     for r in runs:
         if r.get("status") == "ok":
@@ -218,8 +218,7 @@ def decode_groups(runs: list[dict]) -> dict[str, list[dict]]:
 
 
 def measure_decode(members: list[dict], cfg: BenchConfig, iso: Isolation) -> dict:
-    """Decode rounds of one group in one pinned process; fills each member's
-    latency["decode_*"] (a member in several groups keeps its first group's numbers).
+    """Decode rounds of one group in one pinned process; fills each member's latency["decode_*"].
     Not memory-capped: the cap is the app budget for one model, which the memory job
     checks; here several models share the process."""
     vocab = max(r["vocab"] for r in members)
@@ -233,10 +232,9 @@ def measure_decode(members: list[dict], cfg: BenchConfig, iso: Isolation) -> dic
         return {"members": [label(r) for r in members], "status": record["status"], "message": record.get("message")}
     rounds = record["result"]
     for r in members:
-        lat = r.setdefault("latency", {})
-        if "decode_ms_per_token" not in lat:
-            lat.update(decode_summary(rounds["ms_per_token"][label(r)]), decode_tokens=rounds["decode_tokens"],
-                       decode_after_prompt=rounds["decode_after_prompt"], rounds=rounds["rounds"])
+        r.setdefault("latency", {}).update(decode_summary(rounds["ms_per_token"][label(r)]),
+                                           decode_tokens=rounds["decode_tokens"],
+                                           decode_after_prompt=rounds["decode_after_prompt"], rounds=rounds["rounds"])
     return {"members": [label(r) for r in members], "status": "ok", **rounds}
 
 

@@ -16,7 +16,7 @@ Runners are thin adapters over what each backend already has:
 Timing: TTFT = prefill + argmax of the first token, per prompt length; decode =
 `decode_tokens` greedy steps after the shortest prompt, reported as ms per token and
 tokens/s. Each is repeated `repeats` times after `warmup` untimed runs; p50 and p90
-are over the repeats. Speeds that are compared (folded vs dense, ExecuTorch vs llama.cpp)
+are over the repeats. Decode speeds that are compared (folded vs dense on one runtime)
 are measured together by `decode_rounds`: runners side by side in one process, in
 alternating rounds, compared round by round. Prompt ids are seeded random tokens (latency does not depend
 on the text), so no tokenizer is needed. A prompt that does not fit the backend's
