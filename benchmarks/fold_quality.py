@@ -33,7 +33,12 @@ POINTS = {
     "p15": (0.1, 24),
     "p25": (0.1, 20),
     "p36": (0.2, 16),
+    # p25's size with the budget split differently: more blocks removed, fewer pairs shared
+    "p25r6": (0.2, 20),
+    "p25r10": (1 / 3, 20),  # removal only: 10 blocks closed by the gates, nothing shared
 }
+DEFAULT_POINTS = ("p15", "p25", "p36")
+HEAL_SEQUENCES = 256  # 256-token windows of self-generated healing text, every point and every method
 
 
 def eval_config(limit: int | None, ppl_tokens: int):
@@ -70,11 +75,25 @@ def dense_reference(eval_cfg) -> dict:
     return result
 
 
-def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_sequences: int) -> dict:
+def compress_config(name: str, heal, eval_cfg=None, reference: dict | None = None,
+                    heal_sequences: int = HEAL_SEQUENCES):
+    """The `compress` run of point `name` (fold_split.py runs the same data and fold stages)."""
     from compress.data import DataConfig
     from compress.fold import FoldConfig
+    from compress.recipe import CompressConfig
+
+    rate, unique = POINTS[name.partition(":")[0]]
+    return CompressConfig(
+        out=str(WORK / name.replace(":", "-")), model="default",
+        heal_data=DataConfig(num_sequences=heal_sequences, seq_len=256, seed=1),
+        fold=FoldConfig(removal_rate=rate, group_size=None, num_unique_blocks=unique),
+        heal=heal, eval=eval_cfg, eval_reference=reference, resume=True,
+    )
+
+
+def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_sequences: int) -> dict:
     from compress.heal import HealConfig
-    from compress.recipe import CompressConfig, compress
+    from compress.recipe import compress
 
     name, _, distill = point.partition(":")
     rate, unique = POINTS[name]
@@ -88,13 +107,7 @@ def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_s
             for f in ("calib.pt", "heal.pt", "data.json", "fold.json", "fold_report.json"):
                 shutil.copy2(base / f, work / f)
             shutil.copytree(base / "folded", work / "folded")
-        cfg = CompressConfig(
-            out=str(out), model="default",
-            heal_data=DataConfig(num_sequences=heal_sequences, seq_len=256, seed=1),
-            fold=FoldConfig(removal_rate=rate, group_size=None, num_unique_blocks=unique),
-            heal=heal, eval=eval_cfg, eval_reference=reference, resume=True,
-        )
-        compress(cfg)
+        compress(compress_config(point, heal, eval_cfg, reference, heal_sequences))
     config = json.loads((out / "config.json").read_text())
     ev = json.loads((out / "eval.json").read_text())
     prov = config["fold"]["provenance"]
@@ -159,9 +172,9 @@ def plot(points: list[dict]) -> None:
     dense = points[0]["dense"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for task in dense["tasks"]:
-        xs = [points[0]["params"]["source_unique"] * 4 / 2**20] + [p["bytes"] / 2**20 for p in points]
-        ys = [dense["tasks"][task]["acc_norm"]] + [p["folded"]["tasks"][task]["acc_norm"] for p in points]
-        ax.plot(xs, ys, marker="o", label=task)
+        xy = sorted([(p["bytes"] / 2**20, p["folded"]["tasks"][task]["acc_norm"]) for p in points]
+                    + [(points[0]["params"]["source_unique"] * 4 / 2**20, dense["tasks"][task]["acc_norm"])])
+        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=task)
     ax.set_xlabel("fp32 weight bytes (MiB)")
     ax.set_ylabel("acc_norm")
     ax.set_title("FoldGPT: accuracy vs size (rightmost point: dense)")
@@ -185,10 +198,10 @@ def plot(points: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--heal-minutes", type=float, default=20.0)
-    ap.add_argument("--points", default=",".join(POINTS))
+    ap.add_argument("--points", default=",".join(DEFAULT_POINTS), help=f"of {', '.join(POINTS)}")
     ap.add_argument("--limit", type=int, default=300, help="items per multiple-choice task")
     ap.add_argument("--ppl-tokens", type=int, default=32768)
-    ap.add_argument("--heal-sequences", type=int, default=256, help="256-token windows of self-generated healing text")
+    ap.add_argument("--heal-sequences", type=int, default=HEAL_SEQUENCES, help="256-token windows of self-generated healing text")
     args = ap.parse_args()
     if not DEV.is_dir():
         raise SystemExit(f"{DEV} not found: this benchmark needs the development sets beside the repository")

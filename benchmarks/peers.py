@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
-from fold_quality import DEV, RESULTS, WORK, dense_reference, eval_config, row, table_head
+from fold_quality import DEV, HEAL_SEQUENCES, RESULTS, WORK, dense_reference, eval_config, row, table_head
 
 PEER_WORK = WORK / "peers"
 PEERS = ("shortgpt", "streamline", "layerchop", "sleb")
@@ -89,7 +90,12 @@ def foldgpt_points() -> list[dict]:
     file = RESULTS / "fold_quality.json"
     if not file.is_file():
         return []
-    return [{"method": "foldgpt", "name": p["name"], "removed_blocks": p["removed_blocks"], "params": p["params"],
+
+    def base(name: str) -> str:  # "p25r6:logits" -> "p25": a variant sits in its size's rows, as its own line
+        return re.match(r"p\d+", name).group(0)
+
+    return [{"method": "foldgpt" + ("" if base(p["name"]) == p["name"] else f" {p['name'][len(base(p['name'])):].lstrip(':')}"),
+             "name": base(p["name"]), "removed_blocks": p["removed_blocks"], "params": p["params"],
              "cure": p["cure"], "training_s": None, "report": {"schedule": p["schedule"]},
              "dense": p["dense"], "folded": p["folded"], "bytes": p["bytes"]} for p in json.loads(file.read_text())]
 
@@ -151,7 +157,7 @@ def main() -> None:
     ap.add_argument("--sleb-sequences", type=int, default=8, help="calibration sequences per SLEB perplexity")
     ap.add_argument("--limit", type=int, default=300, help="items per multiple-choice task (as fold_quality)")
     ap.add_argument("--ppl-tokens", type=int, default=32768)
-    ap.add_argument("--heal-sequences", type=int, default=64, help="256-token windows of self-generated healing text")
+    ap.add_argument("--heal-sequences", type=int, default=HEAL_SEQUENCES, help="256-token windows of self-generated healing text")
     args = ap.parse_args()
     if not DEV.is_dir():
         raise SystemExit(f"{DEV} not found: this benchmark needs the development sets beside the repository")

@@ -8,6 +8,14 @@ distributions over calibration batches. The candidate with the lowest KL wins.
 With a target number of unique blocks instead of a fixed group size, the same score
 decides *which* adjacent blocks to merge: start from singletons and repeatedly merge
 the adjacent pair of groups whose best candidate costs least.
+
+Besides the members and their mean, a third merge is a candidate: RegMean (Jin et al.,
+"Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023). For each
+Linear it takes the weight that best reproduces every member's own output on that
+member's own inputs, W^T = (sum_d G_d)^-1 sum_d G_d W_d^T with G_d = X_d^T X_d the Gram
+matrix of depth d's inputs to that Linear (off-diagonals scaled by `regmean_alpha`, as
+in the paper). A plain mean averages weights of blocks that were never trained to agree;
+RegMean weights each member by the directions its inputs actually use.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from compress.importance import GateConfig, GateResult, learn_gates
 from compress.methods import DEFAULT_HEAL_MINUTES, register_method
 
 MEAN = "mean"
+REGMEAN = "regmean"
 
 
 @dataclass
@@ -33,7 +42,8 @@ class FoldConfig:
     group_size: int | None = 2  # adjacent retained blocks per shared group ...
     num_unique_blocks: int | None = None  # ... or the number of unique blocks to keep
     max_group_size: int = 4  # cap on a merged group when num_unique_blocks decides
-    merge_candidates: bool = True  # also try the members' mean as the shared weights
+    merge_candidates: bool = True  # also try the members' mean and their RegMean merge
+    regmean_alpha: float = 0.9  # RegMean's scale on the Gram matrices' off-diagonal entries
     score_batches: int = 2  # calibration batches per candidate score
     score_batch_size: int = 4
     gate: GateConfig | None = None  # defaults derived from removal_rate
@@ -47,6 +57,8 @@ class FoldConfig:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.num_unique_blocks is not None and self.num_unique_blocks < 1:
             raise ValueError(f"num_unique_blocks must be >= 1, got {self.num_unique_blocks}")
+        if not 0 < self.regmean_alpha <= 1:
+            raise ValueError(f"regmean_alpha must be in (0, 1], got {self.regmean_alpha}")
 
     def num_remove(self, num_layers: int) -> int:
         return round(self.removal_rate * num_layers)
@@ -74,7 +86,7 @@ class FoldReport:
     gates: GateResult | None
     removed: list[int]  # source-model depths removed so far
     schedule: list[int]
-    sources: dict[int, str]  # block -> "depth d" or "mean", after removal numbering
+    sources: dict[int, str]  # block -> "depth d", "mean" or "regmean", after removal numbering
     share_scores: dict[str, float] = field(default_factory=dict)  # "depths:candidate" -> KL
     params: dict = field(default_factory=dict)
 
@@ -99,14 +111,15 @@ def fold(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> tuple[nn.Mod
                if len(depths) > 1}
     scores: dict[str, float] = {}
     sources: dict[int, str] = {}
+    merged = {b: scorer.candidate(depths, choices[b][0]) for b, depths in enumerate(groups) if b in choices}
     for b, depths in enumerate(groups):
         if b not in choices:
             sources[b] = f"depth {depths[0]}"
             continue
         best, table = choices[b]
         scores.update({f"{depths}:{k}": v for k, v in table.items()})
-        _install(model, depths, best)
-        sources[b] = best if best == MEAN else f"depth {best}"
+        _install(model, depths, merged[b])
+        sources[b] = best if isinstance(best, str) else f"depth {best}"
     share_blocks(model, schedule)
     after = count_parameters(model)
     params = {
@@ -168,6 +181,7 @@ class ShareScorer:
         self.adapter = get_adapter(model)
         self.layers = self.adapter.get_layers(model)
         self.memo: dict[tuple[int, ...], tuple[int | str, dict]] = {}
+        self.gram_memo: dict[int, dict[str, torch.Tensor]] = {}
         self.inputs: list[list[tuple[tuple, dict]]] = []  # batch -> depth -> (args, kwargs)
         self.reference: list[torch.Tensor] = []
         for batch in _score_batches(calib, cfg):
@@ -201,18 +215,74 @@ class ShareScorer:
         """(best candidate, {candidate: KL}) for sharing one set of weights across `depths`."""
         key = tuple(depths)
         if key not in self.memo:
-            candidates: list[int | str] = list(depths) + ([MEAN] if self.cfg.merge_candidates else [])
+            candidates: list[int | str] = list(depths) + ([MEAN, REGMEAN] if self.cfg.merge_candidates else [])
             table = {}
             for cand in candidates:
-                with _swapped(self.model, depths, cand):
+                with _swapped(self.model, depths, self.candidate(depths, cand)):
                     table[str(cand)] = sum(
                         F.kl_div(F.log_softmax(self.tail_logits(b, depths[0]).float(), -1).flatten(0, 1),
                                  ref.flatten(0, 1), log_target=True, reduction="batchmean").item()
                         for b, ref in enumerate(self.reference)
                     ) / len(self.reference)
             best = min(table, key=table.get)
-            self.memo[key] = (int(best) if best != MEAN else MEAN), table
+            self.memo[key] = (best if best in (MEAN, REGMEAN) else int(best)), table
         return self.memo[key]
+
+    def candidate(self, depths: list[int], cand: int | str) -> dict[str, torch.Tensor]:
+        """The large weights a candidate gives the group, by parameter name."""
+        names = self.adapter.shared_param_names(self.layers[depths[0]])
+        stack = {n: torch.stack([self.layers[d].get_parameter(n).detach() for d in depths]) for n in names}
+        if isinstance(cand, int):
+            return {n: self.layers[cand].get_parameter(n).detach().clone() for n in names}
+        merged = {n: t.mean(0) for n, t in stack.items()}
+        if cand == REGMEAN:
+            grams = [self.grams(d) for d in depths]
+            for n in names:
+                module = n.rpartition(".")[0]
+                if n.endswith(".weight") and module in grams[0]:
+                    merged[n] = regmean(list(stack[n]), [g[module] for g in grams], self.cfg.regmean_alpha)
+        return merged
+
+    @torch.no_grad()
+    def grams(self, depth: int) -> dict[str, torch.Tensor]:
+        """X^T X of the inputs to every Linear of `depth`, over the calibration batches
+        (inputs of the unchanged model, like every score)."""
+        if depth not in self.gram_memo:
+            layer = self.layers[depth]
+            grams: dict[str, torch.Tensor] = {}
+
+            def accumulate(name):
+                def hook(_m, args):
+                    x = args[0].detach().flatten(0, -2).double()
+                    grams[name] = grams.get(name, 0) + x.T @ x
+                return hook
+
+            hooks = [m.register_forward_pre_hook(accumulate(n)) for n, m in layer.named_modules()
+                     if isinstance(m, nn.Linear)]
+            try:
+                for inputs in self.inputs:
+                    args, kwargs = inputs[depth]
+                    layer(*args, **kwargs)
+            finally:
+                for h in hooks:
+                    h.remove()
+            self.gram_memo[depth] = grams
+        return self.gram_memo[depth]
+
+
+def regmean(weights: list[torch.Tensor], grams: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """RegMean merge of Linear weights (out, in) given each member's input Gram (in, in):
+    argmin_W sum_d ||X_d W^T - X_d W_d^T||^2 with off-diagonal Gram entries scaled by alpha."""
+    def shrink(g):
+        return alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
+
+    g = [shrink(x.double()) for x in grams]
+    lhs = sum(g)
+    rhs = sum(gd @ w.double().T for gd, w in zip(g, weights))
+    # a Linear whose inputs never span some direction leaves lhs singular: a tiny ridge keeps it solvable
+    ridge = 1e-6 * torch.diagonal(lhs).mean().clamp_min(1e-12)
+    sol = torch.linalg.solve(lhs + ridge * torch.eye(len(lhs), dtype=lhs.dtype), rhs)
+    return sol.T.to(weights[0].dtype).contiguous()
 
 
 def _score_batches(calib: torch.Tensor, cfg: FoldConfig) -> list[torch.Tensor]:
@@ -220,22 +290,13 @@ def _score_batches(calib: torch.Tensor, cfg: FoldConfig) -> list[torch.Tensor]:
     return [calib[i : i + cfg.score_batch_size] for i in range(0, n, cfg.score_batch_size)]
 
 
-def _candidate_tensors(model: nn.Module, depths: list[int], cand: int | str) -> dict[str, torch.Tensor]:
-    adapter = get_adapter(model)
-    layers = adapter.get_layers(model)
-    names = adapter.shared_param_names(layers[depths[0]])
-    if cand == MEAN:
-        return {n: torch.stack([layers[d].get_parameter(n).detach() for d in depths]).mean(0) for n in names}
-    return {n: layers[cand].get_parameter(n).detach().clone() for n in names}
-
-
 class _swapped:
     """Temporarily give every depth in `depths` the candidate's large weights."""
 
-    def __init__(self, model, depths, cand):
+    def __init__(self, model, depths, tensors: dict[str, torch.Tensor]):
         self.layers = get_adapter(model).get_layers(model)
         self.depths = depths
-        self.new = _candidate_tensors(model, depths, cand)
+        self.new = tensors
         self.saved = {}
 
     def __enter__(self):
@@ -250,9 +311,9 @@ class _swapped:
             self.layers[d].get_parameter(n).data = data
 
 
-def _install(model: nn.Module, depths: list[int], cand: int | str) -> None:
+def _install(model: nn.Module, depths: list[int], tensors: dict[str, torch.Tensor]) -> None:
     """Write the chosen weights into the group's first depth (which `share_blocks` then shares)."""
     layers = get_adapter(model).get_layers(model)
     with torch.no_grad():
-        for n, t in _candidate_tensors(model, depths, cand).items():
+        for n, t in tensors.items():
             layers[depths[0]].get_parameter(n).copy_(t)

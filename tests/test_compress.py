@@ -152,14 +152,54 @@ def test_share_scorer_tail_replays_the_full_forward(family):
 def test_best_candidate_is_the_lowest_measured_kl():
     model = tiny_model(layers=4, hidden=64, vocab=99)
     best, table = best_candidate(model, tokens(), [0, 1], FoldConfig())
-    assert set(table) == {"0", "1", "mean"}
+    assert set(table) == {"0", "1", "mean", "regmean"}
     assert table[str(best)] == min(table.values())
+
+
+def test_regmean_keeps_what_each_member_uses():
+    """Member 0 only ever sees inputs in the first three coordinates, member 1 in the last
+    three: the exact least-squares merge takes each half from the member that uses it,
+    reproducing both outputs, where the mean reproduces neither."""
+    from compress.fold import regmean
+
+    g = torch.Generator().manual_seed(0)
+    w0, w1 = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    x0, x1 = torch.zeros(40, 6), torch.zeros(40, 6)
+    x0[:, :3] = torch.randn(40, 3, generator=g)
+    x1[:, 3:] = torch.randn(40, 3, generator=g)
+    w = regmean([w0, w1], [x0.T @ x0, x1.T @ x1], alpha=1.0)
+    torch.testing.assert_close(w, torch.cat([w0[:, :3], w1[:, 3:]], 1), rtol=1e-4, atol=1e-4)
+    mean = (w0 + w1) / 2
+    assert (x0 @ (mean - w0).T).norm() > 1.0 and (x1 @ (mean - w1).T).norm() > 1.0
+
+
+def test_share_scorer_grams_are_the_linear_inputs():
+    """The Gram behind RegMean is X^T X of what q_proj (after the depth's own norm) and
+    down_proj (act(gate) * up) actually receive."""
+    from compress.fold import ShareScorer
+
+    model = tiny_model(layers=3, hidden=32, vocab=99)
+    calib = tokens(n=4, seq=16)
+    scorer = ShareScorer(model, calib, FoldConfig(score_batches=2, score_batch_size=2))
+    layer = get_adapter(model).get_layers(model)[1]
+    seen = {}
+    hooks = [layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("q", []).append(a[0])),
+             layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("down", []).append(a[0]))]
+    with torch.no_grad():
+        model(calib, use_cache=False)
+    for h in hooks:
+        h.remove()
+    grams = scorer.grams(1)
+    for key, name in (("q", "self_attn.q_proj"), ("down", "mlp.down_proj")):
+        x = torch.cat([t.flatten(0, 1) for t in seen[key]]).double()
+        torch.testing.assert_close(grams[name], x.T @ x, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(removal_rate=1.0), "removal_rate"),
     (dict(removal_rate=-0.1), "removal_rate"),
     (dict(group_size=0), "group_size"),
+    (dict(regmean_alpha=0.0), "regmean_alpha"),
 ])
 def test_fold_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

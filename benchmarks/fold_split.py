@@ -1,0 +1,100 @@
+"""How to spend one size budget: remove blocks, or share them? Unhealed, on held-out text.
+
+    python benchmarks/fold_split.py [--points p25,p25r6,p25r10] [--tokens 8192]
+
+Points of benchmarks/fold_quality.py with the same unique-parameter count but a
+different split between blocks removed (gates) and adjacent pairs shared (p25: 3
+removed + 7 pairs; p25r6: 6 + 4; p25r10: 10 + none). Each runs fold_quality's own data
+and fold stages (same work dirs, so a later fold_quality run cures the very same fold),
+then the uncured fold is measured by perplexity on held-out self-generated text: the
+dense model's samples from another generation seed than the calibration and healing
+text, so no development set steers the choice. Also reported: which candidate each
+shared group took and its KL. Writes benchmarks/results/fold_split.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from fold_quality import POINTS, RESULTS, WORK, compress_config
+
+HELD_OUT_GEN_SEED = 1  # calibration and healing text use generation seed 0
+
+
+def held_out_text(model, tokenizer, tokens: int) -> str:
+    from compress.data import DataConfig, load_texts
+
+    cfg = DataConfig(num_sequences=max(1, tokens // 256), seq_len=256, gen_seed=HELD_OUT_GEN_SEED)
+    return "\n\n".join(load_texts(cfg, model, tokenizer))
+
+
+def measure(name: str, text: str, tokens: int) -> dict:
+    from compress.evaluate import perplexity
+    from compress.format import load_folded
+    from compress.recipe import compress
+
+    t = time.monotonic()
+    compress(compress_config(name, heal=None))  # data + fold stages only (reused if done)
+    work = WORK / f"{name}.work"
+    model, tok = load_folded(work / "folded")
+    report = json.loads((work / "fold_report.json").read_text())
+    chosen = {g: min((k for k in report["share_scores"] if k.startswith(g + ":")), key=report["share_scores"].get)
+              for g in {k.partition(":")[0] for k in report["share_scores"]}}
+    return {
+        "name": name, "removed": report["removed"], "schedule": report["schedule"], "params": report["params"],
+        "shared": {g: {"choice": c.partition(":")[2], "kl": report["share_scores"][c]} for g, c in sorted(chosen.items())},
+        "ppl_held_out": perplexity(model, tok, text, max_tokens=tokens),
+        "seconds": round(time.monotonic() - t, 1),
+    }
+
+
+def write_report(dense_ppl: float, rows: list[dict], tokens: int) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "fold_split.json").write_text(json.dumps({"dense_ppl_held_out": dense_ppl, "tokens": tokens,
+                                                         "points": rows}, indent=1))
+    lines = [
+        "# One size, three ways to reach it: blocks removed vs pairs shared (uncured)",
+        "",
+        f"Reproduce: `python benchmarks/fold_split.py`. Perplexity on {tokens} tokens of held-out self-generated text",
+        f"(generation seed {HELD_OUT_GEN_SEED}; calibration and healing use seed 0). Dense: {dense_ppl:.2f}.",
+        "",
+        "| point | removed (gates) | pairs shared | unique params | depth | held-out ppl (x dense) | shared groups: choice (KL) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        groups = ", ".join(f"{g} {v['choice']} ({v['kl']:.2f})" for g, v in r["shared"].items()) or "-"
+        lines.append(f"| {r['name']} | {r['removed']} | {len(r['schedule']) - len(set(r['schedule']))} | "
+                     f"{r['params']['unique'] / 1e6:.1f}M | {len(r['schedule'])} | "
+                     f"{r['ppl_held_out']:.2f} ({r['ppl_held_out'] / dense_ppl:.2f}x) | {groups} |")
+    (RESULTS / "fold_split.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--points", default="p25,p25r6,p25r10", help=f"of {', '.join(POINTS)}")
+    ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
+    args = ap.parse_args()
+    names = args.points.split(",")
+    for n in names:
+        if n not in POINTS:
+            raise SystemExit(f"unknown point {n!r}; known: {', '.join(POINTS)}")
+    from compress.evaluate import perplexity
+    from compress.load import load_model
+
+    dense, tok = load_model("default")
+    text = held_out_text(dense, tok, args.tokens)
+    dense_ppl = perplexity(dense, tok, text, max_tokens=args.tokens)
+    del dense
+    rows = []
+    for n in names:
+        rows.append(measure(n, text, args.tokens))
+        print(f"{n}: held-out ppl {rows[-1]['ppl_held_out']:.2f} (dense {dense_ppl:.2f}), {rows[-1]['seconds']:.0f} s",
+              flush=True)
+        write_report(dense_ppl, rows, args.tokens)
+    print((RESULTS / "fold_split.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
