@@ -175,6 +175,8 @@ def self_generated(cfg: DataConfig, model: nn.Module, tokenizer) -> list[str]:
     One growing cache per (model, generation settings): a request for more tokens
     than cached continues the same seeded batch sequence, so calibration and healing
     sets drawn from one model share their documents instead of generating twice.
+    A request returns the shortest prefix of the cache that covers it, so its
+    sequences do not depend on how much other requests made the cache grow.
     """
     key = dict(model=_model_fingerprint(model), seed=cfg.gen_seed, max_new=cfg.gen_max_new_tokens,
                batch=cfg.gen_batch_size, temperature=cfg.gen_temperature, v=2)
@@ -184,15 +186,18 @@ def self_generated(cfg: DataConfig, model: nn.Module, tokenizer) -> list[str]:
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() and file.is_file() else {"tokens": 0, "batches": 0}
     docs = [json.loads(line)["text"] for line in file.read_text().splitlines()][: meta.get("docs", 0)] if meta["batches"] else []
     target = int(cfg.num_tokens * 1.1)  # packing loses a partial window per document boundary
-    if meta["tokens"] >= target:
-        return docs
+    # counted as pack() counts them (the decoded text re-tokenized), so the stopping rule
+    # and the prefix agree however the cache grew
+    counts = [_num_tokens(tokenizer, d) for d in docs]
+    if sum(counts) >= target:
+        return _prefix(docs, counts, target)
 
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    bar = tqdm(total=target, initial=meta["tokens"], desc="generating self text", unit="tok")
+    bar = tqdm(total=target, initial=sum(counts), desc="generating self text", unit="tok")
     try:
-        while meta["tokens"] < target:
+        while sum(counts) < target:
             b = meta["batches"]
             prompts = seed_prompts(cfg.gen_batch_size * (b + 1), cfg.gen_seed)[-cfg.gen_batch_size:]
             enc = tokenizer([_render(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
@@ -201,20 +206,32 @@ def self_generated(cfg: DataConfig, model: nn.Module, tokenizer) -> list[str]:
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=cfg.gen_max_new_tokens, do_sample=True,
                                      temperature=cfg.gen_temperature, top_p=0.95, pad_token_id=pad)
-            new_docs = []
             for row in out[:, enc["input_ids"].shape[1]:]:
                 text = tokenizer.decode(row, skip_special_tokens=True).strip()
                 if text:
-                    new_docs.append(text)
-                    got = int((row != pad).sum())
-                    meta["tokens"] += got
-                    bar.update(got)
+                    docs.append(text)
+                    counts.append(_num_tokens(tokenizer, text))
+                    meta["tokens"] += int((row != pad).sum())
+                    bar.update(counts[-1])
             meta["batches"] += 1
-            docs += new_docs
             _write_cache(file, meta_file, docs, {**meta, **key})
     finally:
         tokenizer.padding_side = padding_side
         bar.close()
+    return _prefix(docs, counts, target)
+
+
+def _num_tokens(tokenizer, doc: str) -> int:
+    return len(tokenizer(doc, add_special_tokens=False)["input_ids"])
+
+
+def _prefix(docs: list[str], counts: list[int], tokens: int) -> list[str]:
+    """The first documents that hold `tokens` tokens (all of them if they hold fewer)."""
+    total = 0
+    for i, n in enumerate(counts):
+        total += n
+        if total >= tokens:
+            return docs[: i + 1]
     return docs
 
 

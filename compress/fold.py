@@ -231,16 +231,17 @@ class ShareScorer:
     def candidate(self, depths: list[int], cand: int | str) -> dict[str, torch.Tensor]:
         """The large weights a candidate gives the group, by parameter name."""
         names = self.adapter.shared_param_names(self.layers[depths[0]])
-        stack = {n: torch.stack([self.layers[d].get_parameter(n).detach() for d in depths]) for n in names}
         if isinstance(cand, int):
             return {n: self.layers[cand].get_parameter(n).detach().clone() for n in names}
-        merged = {n: t.mean(0) for n, t in stack.items()}
-        if cand == REGMEAN:
-            grams = [self.grams(d) for d in depths]
-            for n in names:
-                module = n.rpartition(".")[0]
-                if n.endswith(".weight") and module in grams[0]:
-                    merged[n] = regmean(list(stack[n]), [g[module] for g in grams], self.cfg.regmean_alpha)
+        members = {n: [self.layers[d].get_parameter(n).detach() for d in depths] for n in names}
+        grams = [self.grams(d) for d in depths] if cand == REGMEAN else None
+        merged = {}
+        for n, ws in members.items():
+            module = n.rpartition(".")[0]
+            if grams and n.endswith(".weight") and module in grams[0]:
+                merged[n] = regmean(ws, [g[module] for g in grams], self.cfg.regmean_alpha)
+            else:  # the mean, and RegMean's choice for what is not a Linear weight (biases)
+                merged[n] = torch.stack(ws).mean(0)
         return merged
 
     @torch.no_grad()

@@ -68,6 +68,20 @@ def test_self_generated_text_is_cached(tmp_path, monkeypatch):
     assert torch.equal(build_sequences(cfg, model, tok), first)
 
 
+def test_self_text_does_not_change_when_the_cache_grows(tmp_path):
+    """A larger request (the healing set) grows the shared cache; the smaller one
+    (calibration) must still get the sequences it got on a fresh cache."""
+    model, tok = tiny_model(vocab=99), tiny_tokenizer()
+    small = DataConfig(source="self", seq_len=16, num_sequences=4, gen_max_new_tokens=24, gen_batch_size=4,
+                       cache_dir=str(tmp_path))
+    first = build_sequences(small, model, tok)
+    meta = next(tmp_path.glob("self-text/*.json"))
+    batches = json.loads(meta.read_text())["batches"]
+    build_sequences(DataConfig(**{**small.__dict__, "num_sequences": 40}), model, tok)
+    assert json.loads(meta.read_text())["batches"] > batches  # the cache did grow
+    assert torch.equal(build_sequences(small, model, tok), first)
+
+
 def test_empty_and_short_data(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n")
