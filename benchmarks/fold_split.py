@@ -1,6 +1,7 @@
 """How to spend one size budget: remove blocks, or share them? Unhealed, on held-out text.
 
     python benchmarks/fold_split.py [--points p25,p25r6,p25r10] [--tokens 8192]
+                                    [--also shortgpt=benchmarks/work/peers/shortgpt-p25.work/folded]
 
 Points of benchmarks/fold_quality.py with the same unique-parameter count but a
 different split between blocks removed (gates) and adjacent pairs shared (p25: 3
@@ -9,14 +10,20 @@ and fold stages (same work dirs, so a later fold_quality run cures the very same
 then the uncured fold is measured by perplexity on held-out self-generated text: the
 dense model's samples from another generation seed than the calibration and healing
 text, so no development set steers the choice. Also reported: which candidate each
-shared group took and its KL. Writes benchmarks/results/fold_split.{json,md}.
+shared group took and its KL. `--also NAME=DIR` measures other folded models beside
+them (e.g. a peer method's uncured removal at the same size). Writes
+benchmarks/results/fold_split.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 from fold_quality import POINTS, RESULTS, WORK, compress_config
 
@@ -36,8 +43,13 @@ def measure(name: str, text: str, tokens: int) -> dict:
     from compress.recipe import compress
 
     t = time.monotonic()
-    compress(compress_config(name, heal=None))  # data + fold stages only (reused if done)
     work = WORK / f"{name}.work"
+    fold_stage = work / "fold.json"
+    if not (fold_stage.is_file() and json.loads(fold_stage.read_text())["done"]):
+        # data + fold stages only; the uncured model is saved beside, never over the point's
+        # cured output (fold_quality's) that may already be there
+        cfg = compress_config(name, heal=None)
+        compress(replace(cfg, out=str(WORK / f"{name}-uncured"), work_dir=str(work)))
     model, tok = load_folded(work / "folded")
     report = json.loads((work / "fold_report.json").read_text())
     chosen = {g: min((k for k in report["share_scores"] if k.startswith(g + ":")), key=report["share_scores"].get)
@@ -50,17 +62,30 @@ def measure(name: str, text: str, tokens: int) -> dict:
     }
 
 
-def write_report(dense_ppl: float, rows: list[dict], tokens: int) -> None:
+def measure_dir(name: str, path: str, text: str, tokens: int) -> dict:
+    from compress.blocks import count_parameters, schedule_of
+    from compress.evaluate import perplexity
+    from compress.format import load_folded
+
+    model, tok = load_folded(path)
+    prov = json.loads((Path(path) / "config.json").read_text())["fold"]["provenance"]
+    params = count_parameters(model)
+    return {"name": name, "path": path, "removed": prov.get("removed_blocks", []), "schedule": schedule_of(model),
+            "params": {"unique": params.unique, "effective": params.effective}, "shared": {},
+            "ppl_held_out": perplexity(model, tok, text, max_tokens=tokens)}
+
+
+def write_report(dense_ppl: float, rows: list[dict], tokens: int, command: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "fold_split.json").write_text(json.dumps({"dense_ppl_held_out": dense_ppl, "tokens": tokens,
-                                                         "points": rows}, indent=1))
+                                                         "command": command, "points": rows}, indent=1))
     lines = [
-        "# One size, three ways to reach it: blocks removed vs pairs shared (uncured)",
+        "# One size, three ways to reach it: blocks removed vs pairs shared (uncured unless marked cured)",
         "",
-        f"Reproduce: `python benchmarks/fold_split.py`. Perplexity on {tokens} tokens of held-out self-generated text",
+        f"Reproduce: `{command}`. Perplexity on {tokens} tokens of held-out self-generated text",
         f"(generation seed {HELD_OUT_GEN_SEED}; calibration and healing use seed 0). Dense: {dense_ppl:.2f}.",
         "",
-        "| point | removed (gates) | pairs shared | unique params | depth | held-out ppl (x dense) | shared groups: choice (KL) |",
+        "| point | removed source blocks | pairs shared | unique params | depth | held-out ppl (x dense) | shared groups: choice (KL) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -75,14 +100,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", default="p25,p25r6,p25r10", help=f"of {', '.join(POINTS)}")
     ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=DIR", help="another folded model to measure")
     args = ap.parse_args()
-    names = args.points.split(",")
+    names = args.points.split(",") if args.points else []
     for n in names:
         if n not in POINTS:
             raise SystemExit(f"unknown point {n!r}; known: {', '.join(POINTS)}")
+    extra = [a.partition("=")[::2] for a in args.also]
+    for n, d in extra:
+        if not n or not (Path(d) / "config.json").is_file():
+            raise SystemExit(f"--also wants NAME=DIR of a folded model, got {n}={d}")
     from compress.evaluate import perplexity
     from compress.load import load_model
 
+    command = "python benchmarks/fold_split.py " + shlex.join(sys.argv[1:])
     dense, tok = load_model("default")
     text = held_out_text(dense, tok, args.tokens)
     dense_ppl = perplexity(dense, tok, text, max_tokens=args.tokens)
@@ -92,7 +123,10 @@ def main() -> None:
         rows.append(measure(n, text, args.tokens))
         print(f"{n}: held-out ppl {rows[-1]['ppl_held_out']:.2f} (dense {dense_ppl:.2f}), {rows[-1]['seconds']:.0f} s",
               flush=True)
-        write_report(dense_ppl, rows, args.tokens)
+        write_report(dense_ppl, rows, args.tokens, command)
+    for n, d in extra:
+        rows.append(measure_dir(n, d, text, args.tokens))
+        write_report(dense_ppl, rows, args.tokens, command)
     print((RESULTS / "fold_split.md").read_text())
 
 
