@@ -91,11 +91,12 @@ def foldgpt_points() -> list[dict]:
     if not file.is_file():
         return []
 
-    def base(name: str) -> str:  # "p25r6:logits" -> "p25": a variant sits in its size's rows, as its own line
-        return re.match(r"p\d+", name).group(0)
+    def split(name: str) -> tuple[str, str]:  # "p25r6" -> ("p25", "r6"): a variant sits in its size's rows
+        base = re.match(r"p\d+", name).group(0)
+        return base, name[len(base):].lstrip(":")
 
-    return [{"method": "foldgpt" + ("" if base(p["name"]) == p["name"] else f" {p['name'][len(base(p['name'])):].lstrip(':')}"),
-             "name": base(p["name"]), "removed_blocks": p["removed_blocks"], "params": p["params"],
+    return [{"method": " ".join(filter(None, ("foldgpt", split(p["name"])[1]))),
+             "name": split(p["name"])[0], "removed_blocks": p["removed_blocks"], "params": p["params"],
              "cure": p["cure"], "training_s": None, "report": {"schedule": p["schedule"]},
              "dense": p["dense"], "folded": p["folded"], "bytes": p["bytes"]} for p in json.loads(file.read_text())]
 
