@@ -2,6 +2,7 @@
 
     python benchmarks/peers.py [--heal-minutes 20] [--methods shortgpt,streamline,layerchop,sleb]
                                [--points p15,p25,p36] [--training-free-as-published]
+    python benchmarks/peers.py --points p25 --methods shortgpt,shortgpt-nocure   # both in one table
 
 Every method removes the same share of total parameters as benchmarks/fold_quality.py's
 points (whole blocks of 3.54M of 134.5M parameters: 6, 10 and 14 blocks), on the same
@@ -11,7 +12,8 @@ from fold_quality.py). How each method spends the budget:
 
     shortgpt, sleb   training-free in their papers; here they get the default cure
                      (FoldGPT's: fine-tune + hidden-state distillation) for the same
-                     minutes, or none with --training-free-as-published
+                     minutes, or none with --training-free-as-published (for one
+                     method: list it as shortgpt-nocure / sleb-nocure)
     streamline       the budget trains its replacement block (MSE), nothing else
     layerchop        continued pretraining of every weight, LM loss only
 
@@ -28,6 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
+import sys
 import time
 
 from fold_quality import DEV, HEAL_SEQUENCES, RESULTS, WORK, dense_reference, eval_config, row, table_head
@@ -35,6 +39,7 @@ from fold_quality import DEV, HEAL_SEQUENCES, RESULTS, WORK, dense_reference, ev
 PEER_WORK = WORK / "peers"
 PEERS = ("shortgpt", "streamline", "layerchop", "sleb")
 TRAINING_FREE = ("shortgpt", "sleb")
+NO_CURE = "-nocure"
 # name -> whole blocks removed; fold_quality.py's FoldGPT points remove as many blocks' worth
 # of unique parameters (e.g. p25: 3 blocks removed, 27 depths over 20 blocks -> 10 fewer)
 POINTS = {"p15": 6, "p25": 10, "p36": 14}
@@ -62,7 +67,8 @@ def run_point(method: str, name: str, args, eval_cfg, reference: dict) -> dict:
     from compress.recipe import CompressConfig, compress
 
     blocks = POINTS[name]
-    as_published = args.training_free_as_published and method in TRAINING_FREE
+    as_published = method.endswith(NO_CURE) or (args.training_free_as_published and method in TRAINING_FREE)
+    method = method.removesuffix(NO_CURE)
     out = PEER_WORK / f"{method}{'-nocure' if as_published else ''}-{name}"
     heal = None if as_published or method == "streamline" else heal_config(method, {"max_minutes": args.heal_minutes})
     # Streamline trains on the calibration set: give it as many sequences as the others heal on
@@ -101,14 +107,14 @@ def foldgpt_points() -> list[dict]:
              "dense": p["dense"], "folded": p["folded"], "bytes": p["bytes"]} for p in json.loads(file.read_text())]
 
 
-def write_report(rows: list[dict], heal_minutes: float) -> None:
+def write_report(rows: list[dict], command: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "peers.json").write_text(json.dumps(rows, indent=1, default=str))
     dense = rows[0]["dense"]
     lines = [
         "# FoldGPT and peer layer-pruning methods on SmolLM2-135M-Instruct",
         "",
-        f"Reproduce: `python benchmarks/peers.py --heal-minutes {heal_minutes:g}` (FoldGPT rows: benchmarks/fold_quality.py).",
+        f"Reproduce: `{command}` (FoldGPT rows: benchmarks/fold_quality.py).",
         "Same parameter budgets, self-generated calibration/healing text, healing minutes and evaluation as fold_quality.",
     ] + table_head(dense, rows[0]["params"]["source_unique"], "training")
     for point in POINTS:
@@ -164,17 +170,18 @@ def main() -> None:
         raise SystemExit(f"{DEV} not found: this benchmark needs the development sets beside the repository")
     methods = args.methods.split(",")
     for m in methods:
-        if m not in PEERS:
+        if m not in PEERS + tuple(t + NO_CURE for t in TRAINING_FREE):
             raise SystemExit(f"unknown method {m!r}; this benchmark runs {', '.join(PEERS)} (FoldGPT: fold_quality.py)")
     eval_cfg = eval_config(args.limit, args.ppl_tokens)
     reference = dense_reference(eval_cfg)
+    command = "python benchmarks/peers.py " + shlex.join(sys.argv[1:])
     rows = foldgpt_points()
     for name in args.points.split(","):
         for method in methods:
             t = time.monotonic()
             rows.append(run_point(method, name, args, eval_cfg, reference))
             print(f"{method} {name}: done in {(time.monotonic() - t) / 60:.1f} min", flush=True)
-            write_report(rows, args.heal_minutes)
+            write_report(rows, command)
     print((RESULTS / "peers.md").read_text())
 
 
