@@ -1,7 +1,7 @@
 """How to spend one size budget: remove blocks, or share them? Unhealed, on held-out text.
 
     python benchmarks/fold_split.py [--points p25,p25r6,p25r10] [--tokens 8192]
-                                    [--also shortgpt=benchmarks/work/peers/shortgpt-p25.work/folded]
+                                    [--also shortgpt=work/peers/shortgpt-p25.work/folded]   # from benchmarks/
 
 Points of benchmarks/fold_quality.py with the same unique-parameter count but a
 different split between blocks removed (gates) and adjacent pairs shared (p25: 3
@@ -38,8 +38,6 @@ def held_out_text(model, tokenizer, tokens: int) -> str:
 
 
 def measure(name: str, text: str, tokens: int) -> dict:
-    from compress.evaluate import perplexity
-    from compress.format import load_folded
     from compress.recipe import compress
 
     t = time.monotonic()
@@ -50,29 +48,34 @@ def measure(name: str, text: str, tokens: int) -> dict:
         # cured output (fold_quality's) that may already be there
         cfg = compress_config(name, heal=None)
         compress(replace(cfg, out=str(WORK / f"{name}-uncured"), work_dir=str(work)))
-    model, tok = load_folded(work / "folded")
     report = json.loads((work / "fold_report.json").read_text())
     chosen = {g: min((k for k in report["share_scores"] if k.startswith(g + ":")), key=report["share_scores"].get)
               for g in {k.partition(":")[0] for k in report["share_scores"]}}
     return {
         "name": name, "removed": report["removed"], "schedule": report["schedule"], "params": report["params"],
         "shared": {g: {"choice": c.partition(":")[2], "kl": report["share_scores"][c]} for g, c in sorted(chosen.items())},
-        "ppl_held_out": perplexity(model, tok, text, max_tokens=tokens),
+        "ppl_held_out": held_out(work / "folded", text, tokens)[0],
         "seconds": round(time.monotonic() - t, 1),
     }
 
 
-def measure_dir(name: str, path: str, text: str, tokens: int) -> dict:
-    from compress.blocks import count_parameters, schedule_of
+def held_out(path: str | Path, text: str, tokens: int) -> tuple[float, dict]:
+    """(perplexity on the held-out text, unique/effective parameters) of a folded model."""
+    from compress.blocks import count_parameters
     from compress.evaluate import perplexity
     from compress.format import load_folded
 
     model, tok = load_folded(path)
-    prov = json.loads((Path(path) / "config.json").read_text())["fold"]["provenance"]
     params = count_parameters(model)
-    return {"name": name, "path": path, "removed": prov.get("removed_blocks", []), "schedule": schedule_of(model),
-            "params": {"unique": params.unique, "effective": params.effective}, "shared": {},
-            "ppl_held_out": perplexity(model, tok, text, max_tokens=tokens)}
+    return perplexity(model, tok, text, max_tokens=tokens), {"unique": params.unique, "effective": params.effective}
+
+
+def measure_dir(name: str, path: str, text: str, tokens: int) -> dict:
+    """Any folded model (--also): the removal its config records, and the same perplexity."""
+    config = json.loads((Path(path) / "config.json").read_text())["fold"]
+    ppl, params = held_out(path, text, tokens)
+    return {"name": name, "path": path, "removed": config["provenance"].get("removed_blocks", []),
+            "schedule": config["schedule"], "params": params, "shared": {}, "ppl_held_out": ppl}
 
 
 def write_report(dense_ppl: float, rows: list[dict], tokens: int, command: str) -> None:
