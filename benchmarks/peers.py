@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
 import time
+from pathlib import Path
 
-from fold_quality import DEV, HEAL_SEQUENCES, RESULTS, WORK, dense_reference, eval_config, row, table_head
+from fold_quality import DEFAULT_POINTS, DEV, HEAL_SEQUENCES, RESULTS, WORK, dense_reference, eval_config, row, table_head
 
 PEER_WORK = WORK / "peers"
 PEERS = ("shortgpt", "streamline", "layerchop", "sleb")
@@ -88,7 +90,8 @@ def run_point(method: str, name: str, args, eval_cfg, reference: dict) -> dict:
             "removed_blocks": prov["removed_blocks"], "params": prov["params"], "cure": prov["cure"],
             "training_s": (report.get("training") or {}).get("seconds"),
             "report": {k: v for k, v in report.items() if k not in ("training", "params")},
-            "dense": ev["dense"], "folded": ev["folded"], "bytes": (out / "model.safetensors").stat().st_size}
+            "dense": ev["dense"], "folded": ev["folded"], "bytes": (out / "model.safetensors").stat().st_size,
+            "dir": str(out)}
 
 
 def foldgpt_points() -> list[dict]:
@@ -97,31 +100,74 @@ def foldgpt_points() -> list[dict]:
     if not file.is_file():
         return []
 
-    def split(name: str) -> tuple[str, str]:  # "p25r6" -> ("p25", "r6"): a variant sits in its size's rows
-        base = re.match(r"p\d+", name).group(0)
-        return base, name[len(base):].lstrip(":")
+    def method(p: dict) -> str:  # the benchmark's own points are "foldgpt"; other splits say theirs
+        if p["name"] in DEFAULT_POINTS:
+            return "foldgpt"
+        pairs = len(p["schedule"]) - p["unique_blocks"]
+        return f"foldgpt {len(p['removed_blocks'])} removed + {pairs} pairs" + (f" ({p['distill']})" if ":" in p["name"] else "")
 
-    return [{"method": " ".join(filter(None, ("foldgpt", split(p["name"])[1]))),
-             "name": split(p["name"])[0], "removed_blocks": p["removed_blocks"], "params": p["params"],
+    return [{"method": method(p),
+             "name": re.match(r"p\d+", p["name"]).group(0), "removed_blocks": p["removed_blocks"], "params": p["params"],
              "cure": p["cure"], "training_s": None, "report": {"schedule": p["schedule"]},
-             "dense": p["dense"], "folded": p["folded"], "bytes": p["bytes"]} for p in json.loads(file.read_text())]
+             "dense": p["dense"], "folded": p["folded"], "bytes": p["bytes"],
+             "dir": str(WORK / p["name"].replace(":", "-"))} for p in json.loads(file.read_text())]
 
 
-def write_report(rows: list[dict], command: str) -> None:
+def label(r: dict) -> str:
+    return f"{r['name']} {r['method']}"
+
+
+def decode_speeds(rows: list[dict], rounds: int, tokens: int) -> dict:
+    """Decode speed of every row's model beside dense with the runtime harness: torch fp32,
+    all models in one pinned process, alternating rounds (runtime_tests.latency.decode_rounds);
+    a row's speed is its per-round median ratio to dense, so load from other tenants cancels.
+    Fills r["decode"]; returns the harness record (rows whose model is not on disk are left out)."""
+    from compress.load import save_dense
+    from runtime_tests.emulate import Isolation, run_isolated
+    from runtime_tests.latency import PRELOAD, decode_summary, round_ratio
+
+    dense = save_dense("default", WORK / "dense")
+    present = [r for r in rows if (Path(r["dir"]) / "model.safetensors").is_file()]
+    vocab = json.loads((dense / "config.json").read_text())["vocab_size"]
+    cores = sorted(os.sched_getaffinity(0))
+    record = run_isolated("runtime_tests.latency:decode_rounds_job",
+                          {"entries": [["dense", "torch", str(dense)]] + [[label(r), "torch", r["dir"]] for r in present],
+                           "threads": len(cores), "rounds": rounds, "decode_tokens": tokens, "vocab": vocab},
+                          Isolation(cores=cores, timeout_s=3600), preload=PRELOAD["torch"])
+    if record["status"] != "ok":
+        print(f"decode speeds not measured: {record.get('message')}", flush=True)
+        return record
+    ms = record["result"]["ms_per_token"]
+    for r in present:
+        r["decode"] = {**decode_summary(ms[label(r)]), "vs_dense": round_ratio(ms["dense"], ms[label(r)])}
+    record["dense"] = decode_summary(ms["dense"])
+    return record
+
+
+def write_report(rows: list[dict], command: str, decode: dict | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "peers.json").write_text(json.dumps(rows, indent=1, default=str))
+    (RESULTS / "peers.json").write_text(json.dumps({"command": command, "decode": decode, "rows": rows}, indent=1, default=str))
     dense = rows[0]["dense"]
+    speed = "decode tok/s (x dense)"
+    dense_speed = f"{decode['dense']['decode_tokens_per_s']['p50']:.1f}" if decode and "dense" in decode else "-"
+
+    def speed_cell(r: dict) -> str:
+        d = r.get("decode")
+        return f"{d['decode_tokens_per_s']['p50']:.1f} ({d['vs_dense']:.2f}x)" if d else "-"
+
     lines = [
         "# FoldGPT and peer layer-pruning methods on SmolLM2-135M-Instruct",
         "",
         f"Reproduce: `{command}` (FoldGPT rows: benchmarks/fold_quality.py).",
         "Same parameter budgets, self-generated calibration/healing text, healing minutes and evaluation as fold_quality.",
-    ] + table_head(dense, rows[0]["params"]["source_unique"], "training")
+        "Decode: torch fp32 on this machine's cores, every model beside dense in one process, alternating rounds;",
+        "in brackets the median over rounds of the speed ratio to dense (runtime_tests.latency.decode_rounds).",
+    ] + table_head(dense, rows[0]["params"]["source_unique"], "training", {speed: dense_speed})
     for point in POINTS:
         for r in (r for r in rows if r["name"] == point):
             seconds = (r["cure"] or {}).get("seconds") or r["training_s"]
-            label = f"{point} {r['method']}: -{r['params']['unique_reduction']:.0%} unique"
-            lines.append(row(label, r["params"]["unique"], r["bytes"], r["folded"], dense, seconds))
+            name = f"{label(r)}: -{r['params']['unique_reduction']:.0%} unique"
+            lines.append(row(name, r["params"]["unique"], r["bytes"], r["folded"], dense, seconds, (speed_cell(r),)))
     lines += ["", "Removed source blocks (and each method's choice):", ""]
     for r in rows:
         detail = {k: r["report"][k] for k in ("span", "order", "placement", "schedule") if k in r["report"]}
@@ -165,6 +211,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=300, help="items per multiple-choice task (as fold_quality)")
     ap.add_argument("--ppl-tokens", type=int, default=32768)
     ap.add_argument("--heal-sequences", type=int, default=HEAL_SEQUENCES, help="256-token windows of self-generated healing text")
+    ap.add_argument("--decode-rounds", type=int, default=3, help="timed decode rounds over all models at the end (0: none)")
+    ap.add_argument("--decode-tokens", type=int, default=64)
     args = ap.parse_args()
     if not DEV.is_dir():
         raise SystemExit(f"{DEV} not found: this benchmark needs the development sets beside the repository")
@@ -182,6 +230,9 @@ def main() -> None:
             rows.append(run_point(method, name, args, eval_cfg, reference))
             print(f"{method} {name}: done in {(time.monotonic() - t) / 60:.1f} min", flush=True)
             write_report(rows, command)
+    if args.decode_rounds:
+        print(f"decode speed: {len(rows) + 1} models, {args.decode_rounds} rounds", flush=True)
+        write_report(rows, command, decode_speeds(rows, args.decode_rounds, args.decode_tokens))
     print((RESULTS / "peers.md").read_text())
 
 

@@ -62,6 +62,18 @@ def load_model(source: str | os.PathLike, dtype: str | torch.dtype | None = None
     return _load_hub(source, dtype)
 
 
+def save_dense(source: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
+    """The source model in the folded format (one block per depth), once: the baseline that
+    the harnesses load exactly as they load a folded model."""
+    from compress.format import WEIGHTS_NAME, save_folded
+
+    out_dir = Path(out_dir)
+    if not (out_dir / WEIGHTS_NAME).is_file():
+        model, tok = load_model(source, dtype)
+        save_folded(model, out_dir, tok, provenance={"source": str(source), "method": "dense"})
+    return out_dir
+
+
 def load_gguf(path: Path, dtype: torch.dtype | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

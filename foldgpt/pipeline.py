@@ -20,8 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from compress.format import WEIGHTS_NAME, format_summary, save_folded, summarize
-from compress.load import DEFAULT_MODEL, load_model
+from compress.format import WEIGHTS_NAME, format_summary, summarize
+from compress.load import DEFAULT_MODEL, save_dense
 
 # (backend, precision) pairs exported for each model, chosen to fit the 30-minute budget:
 # ONNX fp32, which the parity gate pins exactly, and ExecuTorch 8da4w with the tied
@@ -87,10 +87,7 @@ def run(cfg: RunConfig) -> dict:
     timings: dict[str, float] = {}
 
     t = _stage("1/4 dense", f"load {cfg.model}")
-    dense_dir = out / "dense"
-    if not (dense_dir / WEIGHTS_NAME).is_file():
-        model, tok = load_model(cfg.model, cfg.dtype)
-        save_folded(model, dense_dir, tok, provenance={"source": cfg.model, "method": "dense"})
+    dense_dir = save_dense(cfg.model, out / "dense", cfg.dtype)
     timings["dense_s"] = time.monotonic() - t
 
     t = _stage("2/4 compress", f"removal {cfg.removal_rate}, unique blocks {cfg.unique_blocks}, cure {cfg.heal_minutes} min")
