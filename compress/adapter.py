@@ -18,10 +18,14 @@ class ArchAdapter:
     """Attribute paths (dotted, from the *ForCausalLM module) for one model family."""
 
     model_type: str
+    base: str = "model"  # the decoder stack without the head: returns last_hidden_state (after the final norm)
     layers: str = "model.layers"
     final_norm: str = "model.norm"
     embed: str = "model.embed_tokens"
     lm_head: str = "lm_head"
+
+    def get_base(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.base)
 
     def get_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)

@@ -60,6 +60,7 @@ class HealConfig:
     lora_rank: int = 0  # 0: full fine-tune of the blocks; >0: LoRA on each shared Linear
     lora_alpha: float = 16.0
     train_embeddings: bool = False  # also train the (tied) embedding / head: every weight, as LayerChop does
+    teacher_cache_mb: float = 2048.0  # keep the teacher's final hidden states up to this size (0: recompute every step)
     checkpoint_every: int = 25
     seed: int = 0
 
@@ -75,6 +76,8 @@ class HealConfig:
             raise ValueError("batch_size and checkpoint_every must be positive")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.teacher_cache_mb < 0:
+            raise ValueError(f"teacher_cache_mb must be >= 0, got {self.teacher_cache_mb}")
 
 
 @dataclass
@@ -115,6 +118,7 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
     model, optimizer = accelerator.prepare(model, optimizer)
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval()
+    cache = None if cfg.distill is Distill.NONE else TeacherCache(teacher, data, cfg.teacher_cache_mb)
     state = HealState()
     if resume and (ckpt / "progress.json").is_file():
         accelerator.load_state(str(ckpt))
@@ -128,10 +132,11 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
     start = time.monotonic() - state.seconds
     try:
         while not _done(cfg, state):
-            batch = _batch(data, state.step, cfg, accelerator).to(accelerator.device)
+            idx = _batch(len(data), state.step, cfg, accelerator)
+            batch = data[idx].to(accelerator.device)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * _lr_scale(cfg, state)
-            terms = _step(model, teacher, batch, cfg)
+            terms = _step(model, teacher, batch, cfg, cache(idx, batch) if cache else None)
             accelerator.backward(terms["loss"])
             if cfg.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -156,40 +161,86 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
     return model, state
 
 
-def _step(model, teacher, batch, cfg: HealConfig) -> dict[str, torch.Tensor]:
+def teacher_hidden(teacher: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The teacher's final hidden state (after its final norm, as `hidden_states[-1]`),
+    without running its head: the head is a fifth of the model and hidden distillation
+    does not need it."""
+    with torch.no_grad():
+        return get_adapter(teacher).get_base(teacher)(input_ids=batch).last_hidden_state
+
+
+def teacher_logits(teacher: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits from its final hidden state, as its *ForCausalLM computes them."""
+    with torch.no_grad():
+        logits = get_adapter(teacher).get_lm_head(teacher)(hidden)
+        cap = getattr(teacher.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class TeacherCache:
+    """The teacher's final hidden state of each healing sequence, computed the first time the
+    sequence is drawn and kept. The teacher's forward is about a third of a cure step, and a
+    budget in minutes runs several epochs over a small healing set: later epochs skip it.
+    Above `max_mb` (fp32 bytes of all sequences) nothing is kept and every step recomputes."""
+
+    def __init__(self, teacher: nn.Module, data: torch.Tensor, max_mb: float):
+        n, seq = data.shape
+        width = teacher.config.hidden_size
+        dtype = next(teacher.parameters()).dtype
+        keep = n * seq * width * torch.finfo(dtype).bits // 8 <= max_mb * 2**20
+        self.teacher = teacher
+        self.store = torch.empty(n, seq, width, dtype=dtype) if keep else None
+        self.known = torch.zeros(n, dtype=torch.bool)
+
+    def __call__(self, idx: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        if self.store is None:
+            return teacher_hidden(self.teacher, batch)
+        new = ~self.known[idx]
+        if new.any():  # a batch may draw a sequence twice (wrap-around): compute each once
+            rows = torch.unique(idx[new])
+            first = torch.stack([(idx == r).nonzero()[0, 0] for r in rows])
+            self.store[rows] = teacher_hidden(self.teacher, batch[first]).cpu()
+            self.known[rows] = True
+        return self.store[idx].to(batch.device)
+
+
+def _step(model, teacher, batch, cfg: HealConfig, ref_hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One cure loss. `ref_hidden` is the teacher's final hidden state of `batch` when the
+    caller has it (TeacherCache); otherwise the teacher runs here."""
     hidden = cfg.distill in (Distill.HIDDEN, Distill.BOTH)
     out = model(input_ids=batch, labels=batch, output_hidden_states=hidden)
     if cfg.distill is Distill.NONE:
         return {"ce": out.loss, "loss": out.loss}
-    with torch.no_grad():
-        ref = teacher(input_ids=batch, output_hidden_states=hidden)
+    if ref_hidden is None:
+        ref_hidden = teacher_hidden(teacher, batch)
     terms = {"ce": out.loss}
     distill = torch.zeros((), device=batch.device)
     if hidden:
-        terms["hidden_mse"] = F.mse_loss(out.hidden_states[-1], ref.hidden_states[-1])
+        terms["hidden_mse"] = F.mse_loss(out.hidden_states[-1], ref_hidden)
         distill = distill + terms["hidden_mse"]
     if cfg.distill in (Distill.LOGITS, Distill.BOTH):
         t = cfg.temperature
         terms["logit_kl"] = F.kl_div(F.log_softmax(out.logits.float() / t, -1).flatten(0, 1),
-                                     F.log_softmax(ref.logits.float() / t, -1).flatten(0, 1),
+                                     F.log_softmax(teacher_logits(teacher, ref_hidden).float() / t, -1).flatten(0, 1),
                                      log_target=True, reduction="batchmean") * t * t
         distill = distill + terms["logit_kl"]
     terms["loss"] = terms["ce"] + cfg.distill_weight * distill
     return terms
 
 
-def _batch(data: torch.Tensor, step: int, cfg: HealConfig, accelerator) -> torch.Tensor:
-    """Global batch `step` of a seeded per-epoch permutation, this process's shard of it.
-    A pure function of the step, so a resumed cure sees exactly the batches it would have."""
+def _batch(n: int, step: int, cfg: HealConfig, accelerator) -> torch.Tensor:
+    """Indices (into n sequences) of global batch `step` of a seeded per-epoch permutation,
+    this process's shard of it. A pure function of the step, so a resumed cure sees exactly
+    the batches it would have."""
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * world
-    per_epoch = max(1, len(data) // per_step)
+    per_epoch = max(1, n // per_step)
     epoch, i = divmod(step, per_epoch)
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-    idx = order[(i * per_step + rank * cfg.batch_size) % len(data):][: cfg.batch_size]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+    idx = order[(i * per_step + rank * cfg.batch_size) % n:][: cfg.batch_size]
     if len(idx) < cfg.batch_size:  # fewer sequences than a batch: wrap around
         idx = order.repeat(cfg.batch_size)[: cfg.batch_size]
-    return data[idx]
+    return idx
 
 
 def _progress(cfg: HealConfig, s: HealState) -> float:

@@ -11,7 +11,7 @@ from compress.adapter import get_adapter
 from compress.blocks import count_parameters, schedule_of
 from compress.data import DataConfig, build_sequences, pack
 from compress.fold import FoldConfig, best_candidate, fold
-from compress.heal import HealConfig, _step, heal
+from compress.heal import HealConfig, TeacherCache, _step, heal, teacher_hidden, teacher_logits
 from compress.importance import GateConfig, learn_gates
 from tests.conftest import FAMILIES, tiny_model, tiny_tokenizer
 
@@ -278,6 +278,48 @@ def test_interrupted_cure_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert state.step == 5 and [l["step"] for l in state.losses] == [1, 2, 3, 4, 5]
     for a, b in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES + ("gemma2",))
+def test_teacher_hidden_and_logits_are_the_full_forwards(family):
+    """The cure runs the teacher without its head and rebuilds logits from the final hidden
+    state: both must be what the *ForCausalLM returns (gemma2: with its logit soft-capping)."""
+    if family == "gemma2":
+        from transformers import AutoModelForCausalLM, Gemma2Config
+
+        torch.manual_seed(0)
+        teacher = AutoModelForCausalLM.from_config(Gemma2Config(
+            vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5), dtype=torch.float32).eval()
+    else:
+        teacher = tiny_model(family)
+    batch = tokens(n=2, seq=16)
+    full = teacher(input_ids=batch, output_hidden_states=True)
+    hidden = teacher_hidden(teacher, batch)
+    torch.testing.assert_close(hidden, full.hidden_states[-1])
+    torch.testing.assert_close(teacher_logits(teacher, hidden), full.logits)
+    if family == "gemma2":  # the cap matters here: the bare head gives other logits
+        assert not torch.allclose(get_adapter(teacher).get_lm_head(teacher)(hidden), full.logits)
+
+
+def test_teacher_cache_runs_each_sequence_once_and_changes_nothing(tmp_path):
+    teacher = tiny_model(layers=4, hidden=64, vocab=99)
+    start, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, gate=GateConfig(num_remove=0, steps=1)))
+    data = tokens(n=6)
+    rows = []
+    base = get_adapter(teacher).get_base(teacher)
+    hook = base.register_forward_hook(lambda m, args, kwargs, out: rows.append(len(kwargs["input_ids"])), with_kwargs=True)
+    cfg = HealConfig(max_steps=8, batch_size=4, lr=1e-3, distill="both")
+    cached, _ = heal(copy.deepcopy(start), teacher, data, cfg, tmp_path / "a")
+    assert sum(rows) == 6  # 8 steps x 4 sequences drawn, each of the 6 computed once
+    rows.clear()
+    uncached, _ = heal(copy.deepcopy(start), teacher, data, HealConfig(**{**vars(cfg), "teacher_cache_mb": 0}), tmp_path / "b")
+    hook.remove()
+    assert sum(rows) == 8 * 4
+    for a, b in zip(cached.parameters(), uncached.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    small = TeacherCache(teacher, data, max_mb=6 * 32 * 64 * 4 / 2**20 - 1e-6)  # one value too many: keeps nothing
+    assert small.store is None
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_steps=0), dict(max_minutes=0), dict(max_tokens=-5), dict()])
