@@ -20,8 +20,9 @@ from fold_quality.py). How each method spends the budget:
 FoldGPT's own points are read from benchmarks/results/fold_quality.json (run that
 benchmark first to have them in the table and the plot). Each (method, point) is a
 `compress` run in its own work dir under benchmarks/work/peers/ (not committed), so an
-interrupted benchmark resumes where it stopped. Writes benchmarks/results/peers.{json,md}
-and peers_accuracy.png. SLEB costs about (30 + 29 + ... ) perplexity passes over
+interrupted benchmark resumes where it stopped. At the end every model on disk decodes
+beside dense in one process (torch fp32, alternating rounds: `--decode-rounds`), for the
+table's speed column. Writes benchmarks/results/peers.{json,md} and peers_accuracy.png. SLEB costs about (30 + 29 + ... ) perplexity passes over
 --sleb-sequences calibration sequences per point: the slowest method here.
 """
 
