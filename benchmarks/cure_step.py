@@ -83,7 +83,7 @@ def main() -> None:
             print(f"round {i} {name}: {s:.2f} s", flush=True)
     med = {k: float(np.median(v)) for k, v in seconds.items()}
     speedup = float(np.median(np.asarray(seconds["step"]) / np.asarray(seconds["cached step"])))
-    result = {"command": "python benchmarks/cure_step.py " + shlex.join(sys.argv[1:]), "student": args.student,
+    result = {"command": ("python benchmarks/cure_step.py " + shlex.join(sys.argv[1:])).strip(), "student": args.student,
               "student_depth": student.config.num_hidden_layers, "teacher_depth": teacher.config.num_hidden_layers,
               "batch": [args.batch, args.seq], "threads": torch.get_num_threads(), "seconds": seconds,
               "median_s": med, "cached_step_speedup": round(speedup, 3)}
