@@ -179,9 +179,10 @@ def teacher_logits(teacher: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 class TeacherCache:
     """The teacher's final hidden state of each healing sequence, computed the first time the
-    sequence is drawn and kept. The teacher's forward is about a third of a cure step, and a
-    budget in minutes runs several epochs over a small healing set: later epochs skip it.
-    Above `max_mb` (fp32 bytes of all sequences) nothing is kept and every step recomputes."""
+    sequence is drawn and kept. The teacher's forward is a quarter of a cure step on the default
+    model (benchmarks/results/cure_step.md), and a budget in minutes runs several epochs over
+    a small healing set: later epochs skip it. When all sequences' states (in the teacher's
+    dtype) exceed `max_mb`, nothing is kept and every step recomputes."""
 
     def __init__(self, teacher: nn.Module, data: torch.Tensor, max_mb: float):
         n, seq = data.shape
