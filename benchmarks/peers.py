@@ -73,7 +73,8 @@ def run_point(method: str, name: str, args, eval_cfg, reference: dict) -> dict:
     as_published = method.endswith(NO_CURE) or (args.training_free_as_published and method in TRAINING_FREE)
     method = method.removesuffix(NO_CURE)
     out = PEER_WORK / f"{method}{'-nocure' if as_published else ''}-{name}"
-    heal = None if as_published or method == "streamline" else heal_config(method, {"max_minutes": args.heal_minutes})
+    heal = None if as_published or method == "streamline" else heal_config(
+        method, {"max_minutes": args.heal_minutes}, teacher_cache_mb=args.teacher_cache_mb)
     # Streamline trains on the calibration set: give it as many sequences as the others heal on
     calib = DataConfig(num_sequences=max(32, args.heal_sequences) if method == "streamline" else 32, seq_len=256)
     if not (out / "eval.json").is_file():
@@ -212,6 +213,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=300, help="items per multiple-choice task (as fold_quality)")
     ap.add_argument("--ppl-tokens", type=int, default=32768)
     ap.add_argument("--heal-sequences", type=int, default=HEAL_SEQUENCES, help="256-token windows of self-generated healing text")
+    ap.add_argument("--teacher-cache-mb", type=float, default=0.0,
+                    help="the cure's teacher cache (compress.heal.TeacherCache); 0, as the committed FoldGPT cures ran")
     ap.add_argument("--decode-rounds", type=int, default=3, help="timed decode rounds over all models at the end (0: none)")
     ap.add_argument("--decode-tokens", type=int, default=64)
     args = ap.parse_args()
