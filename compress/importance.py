@@ -7,8 +7,12 @@ reflects what the others already do (ShortGPT-style per-block scores cannot see 
 two adjacent blocks may be redundant only together).
 
 Gates are stochastic: s_i is the logit of block i's keep probability p_i = sigmoid(s_i),
-and each step draws a relaxed Bernoulli sample g_i = sigmoid((s_i + L_i) / T) with
-logistic noise L_i (the binary-concrete relaxation). The loss is
+and each sequence of a step's batch draws its own relaxed Bernoulli sample
+g_i = sigmoid((s_i + L_i) / T) with logistic noise L_i (the binary-concrete relaxation),
+so a step averages the gradient over batch_size sub-networks for the cost of one batch.
+One sample per step left the choice at the mercy of the seed (at 10 of 30 blocks on the
+default model, seeds 0/1/2 chose removals 7.1x/13.5x/19.4x dense held-out perplexity:
+benchmarks/results/gate_settings_one_sample.md). The loss is
 
     KL(dense || gated) on next-token distributions   (+ optional final-hidden MSE)
   + polarization * mean(4 p (1 - p))                  drives every probability to 0 or 1
@@ -94,8 +98,8 @@ class BlockGates(nn.Module):
         ]
 
     def values(self) -> torch.Tensor:
-        """Gate values: sigmoid((s + noise) / T), a relaxed Bernoulli(sigmoid(s)) sample when
-        noise is set, the deterministic gates otherwise."""
+        """Gate values: sigmoid((s + noise) / T), relaxed Bernoulli(sigmoid(s)) samples, one
+        row per sequence, when noise (batch, blocks) is set; the deterministic gates otherwise."""
         z = self.logits if self.noise is None else self.logits + self.noise
         return torch.sigmoid(z / self.temperature)
 
@@ -108,7 +112,8 @@ class BlockGates(nn.Module):
                 return output
             h = args[0] if args else kwargs["hidden_states"]
             out = output[0] if isinstance(output, tuple) else output
-            gated = h + self.values()[i].to(out.dtype) * (out - h)
+            g = self.values()[..., i].to(out.dtype)
+            gated = h + (g if g.ndim == 0 else g.view(-1, *[1] * (out.ndim - 1))) * (out - h)
             return (gated, *output[1:]) if isinstance(output, tuple) else gated
 
         return hook
@@ -169,7 +174,7 @@ def learn_gates(model: nn.Module, data: torch.Tensor, cfg: GateConfig) -> GateRe
             with torch.no_grad():
                 dense = model(batch, output_hidden_states=cfg.hidden_mse > 0)
             gates.enabled = True
-            u = torch.rand(n_blocks, generator=gen).clamp(1e-6, 1 - 1e-6)
+            u = torch.rand(len(batch), n_blocks, generator=gen).clamp(1e-6, 1 - 1e-6)
             gates.noise = torch.log(u) - torch.log1p(-u)  # logistic: sigmoid(s + noise) > 0.5 w.p. sigmoid(s)
             gated = model(batch, output_hidden_states=cfg.hidden_mse > 0)
             kl = F.kl_div(

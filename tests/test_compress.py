@@ -12,7 +12,7 @@ from compress.blocks import count_parameters, schedule_of
 from compress.data import DataConfig, build_sequences, pack
 from compress.fold import FoldConfig, best_candidate, fold
 from compress.heal import HealConfig, TeacherCache, _step, heal, teacher_hidden, teacher_logits
-from compress.importance import GateConfig, learn_gates
+from compress.importance import BlockGates, GateConfig, learn_gates
 from tests.conftest import FAMILIES, tiny_model, tiny_tokenizer
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "\n\n"
@@ -107,6 +107,25 @@ def test_gates_close_exactly_the_redundant_blocks():
     assert sum(g < 0.5 for g in result.gates) == 2
     assert len(result.trajectory) == 60 and len(result.trajectory[0]) == 6
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights untouched
+
+
+def test_each_sequence_draws_its_own_gate_sample():
+    model = tiny_model(layers=4).eval()
+    batch = tokens()[:1].repeat(2, 1)
+    gates = BlockGates(model)
+    gates.temperature = 0.01
+    noise = torch.tensor([[9.0, -9.0, 9.0, 9.0], [9.0, 9.0, 9.0, -9.0]])  # row 0 drops block 1, row 1 block 3
+    with torch.no_grad():
+        gates.noise = noise
+        both = model(batch).logits
+        rows = []
+        for b in range(2):  # each sample alone, on one sequence
+            gates.noise = noise[b:b + 1]
+            rows.append(model(batch[:1]).logits[0])
+    gates.remove()
+    assert not torch.allclose(both[0], both[1], atol=1e-3)  # identical inputs, different sub-networks
+    torch.testing.assert_close(both[0], rows[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(both[1], rows[1], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("num_remove", [1, 3])
