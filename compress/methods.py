@@ -65,17 +65,23 @@ def get_method(name: str) -> Method:
     return _METHODS[name]
 
 
+def given(**options) -> dict:
+    """The options that are set: None leaves a config field at its own default, so a CLI
+    flag nobody passed never overrides what the config's dataclass says."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def method_config(name: str, **options):
     """The peer method's config from options (None = the method's default); None for a
     method configured by FoldConfig. Raises ValueError for an option the method lacks."""
     method = get_method(name)
-    given = {k: v for k, v in options.items() if v is not None}
+    chosen = given(**options)
     accepted = set() if method.configured_by_fold else {f.name for f in fields(method.config)}
-    unknown = sorted(set(given) - accepted)
+    unknown = sorted(set(chosen) - accepted)
     if unknown:
         raise ValueError(f"method {name} has no option {', '.join(unknown)}"
                          + (f" (its options: {', '.join(sorted(accepted))})" if accepted else ""))
-    return None if method.configured_by_fold else method.config(**given)
+    return None if method.configured_by_fold else method.config(**chosen)
 
 
 def heal_config(name: str, budget: dict | None = None, **options) -> HealConfig | None:
@@ -83,12 +89,12 @@ def heal_config(name: str, budget: dict | None = None, **options) -> HealConfig 
     max_minutes) is None, else the method's kind of cure with that budget. `options`
     (None = the method's choice) override HealConfig fields such as distill or lora_rank."""
     method = get_method(name)
-    budget = {k: v for k, v in (budget or {}).items() if v is not None}
+    budget = given(**(budget or {}))
     if not budget:
         if method.heal_minutes is None:
             return None
         budget = {"max_minutes": method.heal_minutes}
-    return HealConfig(**{**method.heal_style, **budget, **{k: v for k, v in options.items() if v is not None}})
+    return HealConfig(**{**method.heal_style, **budget, **given(**options)})
 
 
 @dataclass

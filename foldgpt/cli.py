@@ -65,7 +65,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from compress.data import DataConfig
     from compress.fold import FoldConfig
     from compress.importance import GateConfig
-    from compress.methods import heal_config, method_config
+    from compress.methods import given, heal_config, method_config
     from compress.recipe import CompressConfig, compress
 
     budget = dict(max_minutes=args.heal_minutes, max_steps=args.heal_steps, max_tokens=args.heal_tokens)
@@ -79,7 +79,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         fold=FoldConfig(removal_rate=args.removal_rate,
                         group_size=None if args.unique_blocks else args.group_size,
                         num_unique_blocks=args.unique_blocks,
-                        gate=GateConfig(num_remove=0, steps=args.gate_steps, seed=args.seed)),
+                        gate=GateConfig(num_remove=0, seed=args.seed, **given(steps=args.gate_steps))),
         heal=None if args.no_heal else heal_config(args.method, budget, lora_rank=args.lora_rank, distill=args.distill,
                                                    batch_size=args.batch_size, seed=args.seed),
         eval=_eval_config(args),
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--calib-sequences", type=int, default=32)
     p.add_argument("--heal-sequences", type=int, default=192)
-    p.add_argument("--gate-steps", type=int, default=60)
+    p.add_argument("--gate-steps", type=int, default=None, help="gate training steps (default: GateConfig's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--work-dir", default=None, help="stage artifacts and checkpoints (default: OUT.work)")

@@ -62,7 +62,7 @@ class RunConfig:
     rounds: int = 5  # decode rounds, dense beside folded (runtime_tests.latency.decode_rounds)
     bench: bool = True
     seq_len: int = 256
-    gate_steps: int = 60
+    gate_steps: int | None = None  # None: compress.importance.GateConfig's default
     calib_sequences: int = 32
 
 
@@ -77,12 +77,13 @@ def run(cfg: RunConfig) -> dict:
     from compress.fold import FoldConfig
     from compress.heal import HealConfig
     from compress.importance import GateConfig
+    from compress.methods import given
     from compress.recipe import CompressConfig, compress
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     fold_cfg = FoldConfig(removal_rate=cfg.removal_rate, group_size=None if cfg.unique_blocks else 2,
-                          num_unique_blocks=cfg.unique_blocks, gate=GateConfig(num_remove=0, steps=cfg.gate_steps))
+                          num_unique_blocks=cfg.unique_blocks, gate=GateConfig(num_remove=0, **given(steps=cfg.gate_steps)))
     heal_cfg = HealConfig(max_minutes=cfg.heal_minutes)  # validates the budget before any work
     timings: dict[str, float] = {}
 
