@@ -1,6 +1,6 @@
 """Dense vs FoldGPT-folded default model at three compression points, same healing budget.
 
-    python benchmarks/fold_quality.py [--heal-minutes 20] [--points p15r6,p25r10,p36r14]
+    python benchmarks/fold_quality.py [--heal-minutes 20] [--points p15r6,p25r10,p36r14] [--teacher-cache-mb 0]
     python benchmarks/fold_quality.py --points p25r10,p25r10:logits    # a cure variant beside the default
 
 A point is NAME[:DISTILL]: the cure's distillation target (compress.heal.Distill:
@@ -95,13 +95,14 @@ def compress_config(name: str, heal, eval_cfg=None, reference: dict | None = Non
     )
 
 
-def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_sequences: int) -> dict:
+def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_sequences: int,
+              teacher_cache_mb: float = 0.0) -> dict:
     from compress.heal import HealConfig
     from compress.recipe import compress
 
     name, _, distill = point.partition(":")
     rate, unique = POINTS[name]
-    heal = HealConfig(max_minutes=heal_minutes, **({"distill": distill} if distill else {}))
+    heal = HealConfig(max_minutes=heal_minutes, teacher_cache_mb=teacher_cache_mb, **({"distill": distill} if distill else {}))
     out = WORK / point.replace(":", "-")
     if not (out / "eval.json").is_file():
         base = WORK / f"{name}.work"
@@ -118,7 +119,19 @@ def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_s
     return {"name": point, "removal_rate": rate, "unique_blocks": unique, "distill": heal.distill.value,
             "schedule": config["fold"]["schedule"], "removed_blocks": prov["removed_blocks"], "params": prov["params"],
             "cure": prov["cure"], "gates": prov["gates"], "dense": ev["dense"], "folded": ev["folded"],
-            "bytes": (out / "model.safetensors").stat().st_size}
+            "bytes": (out / "model.safetensors").stat().st_size, **run_settings(Path(f"{out}.work"))}
+
+
+def run_settings(work: Path) -> dict:
+    """How a finished point's gates and cure ran, from its work dir's stage records: runs
+    made before the gates' defaults were recorded (60 steps of 2 x 128 tokens, one sample
+    per step) or before the teacher cache say so."""
+    fold = json.loads((work / "fold.json").read_text())["settings"]["fold"] if (work / "fold.json").is_file() else {}
+    cure = json.loads((work / "cure.json").read_text())["settings"]["heal"] if (work / "cure.json").is_file() else {}
+    gate = fold.get("gate")
+    return {"gate_setting": f"{gate['steps']} steps x {gate['batch_size']} x {gate['seq_len']}" if gate
+            else "60 steps x 2 x 128, one sample per step (before 240 x 4 x 64)",
+            "teacher_cache_mb": cure.get("teacher_cache_mb", 0.0)}
 
 
 def row(label: str, unique: int, nbytes: int | None, m: dict, dense: dict | None, heal_s, extra: tuple[str, ...] = ()) -> str:
@@ -168,7 +181,9 @@ def write_report(points: list[dict]) -> None:
                  f"{p['unique_blocks']} blocks, distill {p['distill']}")
         lines.append(row(label, p["params"]["unique"], p["bytes"], p["folded"], dense, (p["cure"] or {}).get("seconds")))
     lines += ["", "Removed blocks and schedules:", ""]
-    lines += [f"- {p['name']}: removed {p['removed_blocks']}, schedule {p['schedule']}" for p in points]
+    lines += [f"- {p['name']}: removed {p['removed_blocks']}, schedule {p['schedule']}; gates {p['gate_setting']}; "
+              f"cure {(p['cure'] or {}).get('steps')} steps, teacher cache {'on' if p['teacher_cache_mb'] else 'off'}"
+              for p in points]
     (RESULTS / "fold_quality.md").write_text("\n".join(lines) + "\n")
     plot(points)
 
@@ -214,6 +229,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=300, help="items per multiple-choice task")
     ap.add_argument("--ppl-tokens", type=int, default=32768)
     ap.add_argument("--heal-sequences", type=int, default=HEAL_SEQUENCES, help="256-token windows of self-generated healing text")
+    ap.add_argument("--teacher-cache-mb", type=float, default=0.0,
+                    help="the cure's teacher cache (compress.heal.TeacherCache); 0 keeps cures comparable with peers.py's")
     args = ap.parse_args()
     if not DEV.is_dir():
         raise SystemExit(f"{DEV} not found: this benchmark needs the development sets beside the repository")
@@ -224,7 +241,7 @@ def main() -> None:
         if name.partition(":")[0] not in POINTS:
             raise SystemExit(f"unknown point {name!r}; known: {', '.join(POINTS)} (optionally NAME:DISTILL)")
         t = time.monotonic()
-        points.append(run_point(name, args.heal_minutes, eval_cfg, reference, args.heal_sequences))
+        points.append(run_point(name, args.heal_minutes, eval_cfg, reference, args.heal_sequences, args.teacher_cache_mb))
         print(f"{name}: done in {(time.monotonic() - t) / 60:.1f} min", flush=True)
         write_report(points)
     print((RESULTS / "fold_quality.md").read_text())

@@ -64,15 +64,20 @@ def peer_config(method: str, blocks: int, heal_minutes: float, sleb_sequences: i
     }[method]()
 
 
+def point_dir(method: str, name: str, args) -> tuple[str, bool, Path]:
+    """(method without -nocure, whether it runs as published without a cure, its output dir)."""
+    as_published = method.endswith(NO_CURE) or (args.training_free_as_published and method in TRAINING_FREE)
+    method = method.removesuffix(NO_CURE)
+    return method, as_published, PEER_WORK / f"{method}{'-nocure' if as_published else ''}-{name}"
+
+
 def run_point(method: str, name: str, args, eval_cfg, reference: dict) -> dict:
     from compress.data import DataConfig
     from compress.methods import heal_config
     from compress.recipe import CompressConfig, compress
 
     blocks = POINTS[name]
-    as_published = method.endswith(NO_CURE) or (args.training_free_as_published and method in TRAINING_FREE)
-    method = method.removesuffix(NO_CURE)
-    out = PEER_WORK / f"{method}{'-nocure' if as_published else ''}-{name}"
+    method, as_published, out = point_dir(method, name, args)
     heal = None if as_published or method == "streamline" else heal_config(
         method, {"max_minutes": args.heal_minutes}, teacher_cache_mb=args.teacher_cache_mb)
     # Streamline trains on the calibration set: give it as many sequences as the others heal on
@@ -110,7 +115,7 @@ def foldgpt_points() -> list[dict]:
 
     return [{"method": method(p),
              "name": re.match(r"p\d+", p["name"]).group(0), "removed_blocks": p["removed_blocks"], "params": p["params"],
-             "cure": p["cure"], "training_s": None, "report": {"schedule": p["schedule"]},
+             "cure": p["cure"], "training_s": None, "report": {"schedule": p["schedule"], "gates": p.get("gate_setting")},
              "dense": p["dense"], "folded": p["folded"], "bytes": p["bytes"],
              "dir": str(WORK / p["name"].replace(":", "-"))} for p in json.loads(file.read_text())]
 
@@ -146,9 +151,10 @@ def decode_speeds(rows: list[dict], rounds: int, tokens: int) -> dict:
     return record
 
 
-def write_report(rows: list[dict], command: str, decode: dict | None = None) -> None:
+def write_report(rows: list[dict], command: str, decode: dict | None = None, missing: list[str] = ()) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "peers.json").write_text(json.dumps({"command": command, "decode": decode, "rows": rows}, indent=1, default=str))
+    (RESULTS / "peers.json").write_text(json.dumps({"command": command, "decode": decode, "rows": rows,
+                                                    "not_run": list(missing)}, indent=1, default=str))
     dense = rows[0]["dense"]
     speed = "decode tok/s (x dense)"
     dense_speed = f"{decode['dense']['decode_tokens_per_s']['p50']:.1f}" if decode and "dense" in decode else "-"
@@ -170,9 +176,11 @@ def write_report(rows: list[dict], command: str, decode: dict | None = None) -> 
             seconds = (r["cure"] or {}).get("seconds") or r["training_s"]
             name = f"{label(r)}: -{r['params']['unique_reduction']:.0%} unique"
             lines.append(row(name, r["params"]["unique"], r["bytes"], r["folded"], dense, seconds, (speed_cell(r),)))
+    if missing:
+        lines += ["", f"Not run yet (so not in the table): {', '.join(missing)}."]
     lines += ["", "Removed source blocks (and each method's choice):", ""]
     for r in rows:
-        detail = {k: r["report"][k] for k in ("span", "order", "placement", "schedule") if k in r["report"]}
+        detail = {k: r["report"][k] for k in ("span", "order", "placement", "schedule", "gates") if r["report"].get(k)}
         lines.append(f"- {r['name']} {r['method']}: removed {r['removed_blocks']} {json.dumps(detail)}")
     (RESULTS / "peers.md").write_text("\n".join(lines) + "\n")
     plot(rows)
@@ -215,6 +223,8 @@ def main() -> None:
     ap.add_argument("--heal-sequences", type=int, default=HEAL_SEQUENCES, help="256-token windows of self-generated healing text")
     ap.add_argument("--teacher-cache-mb", type=float, default=0.0,
                     help="the cure's teacher cache (compress.heal.TeacherCache); 0, as the committed FoldGPT cures ran")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="report the (method, point) runs already finished and list the others as not run")
     ap.add_argument("--decode-rounds", type=int, default=3, help="timed decode rounds over all models at the end (0: none)")
     ap.add_argument("--decode-tokens", type=int, default=64)
     args = ap.parse_args()
@@ -227,16 +237,19 @@ def main() -> None:
     eval_cfg = eval_config(args.limit, args.ppl_tokens)
     reference = dense_reference(eval_cfg)
     command = "python benchmarks/peers.py " + shlex.join(sys.argv[1:])
-    rows = foldgpt_points()
+    rows, missing = foldgpt_points(), []
     for name in args.points.split(","):
         for method in methods:
+            if args.finished_only and not (point_dir(method, name, args)[2] / "eval.json").is_file():
+                missing.append(f"{name} {method}")
+                continue
             t = time.monotonic()
             rows.append(run_point(method, name, args, eval_cfg, reference))
             print(f"{method} {name}: done in {(time.monotonic() - t) / 60:.1f} min", flush=True)
-            write_report(rows, command)
+            write_report(rows, command, missing=missing)
     if args.decode_rounds:
         print(f"decode speed: {len(rows) + 1} models, {args.decode_rounds} rounds", flush=True)
-        write_report(rows, command, decode_speeds(rows, args.decode_rounds, args.decode_tokens))
+        write_report(rows, command, decode_speeds(rows, args.decode_rounds, args.decode_tokens), missing)
     print((RESULTS / "peers.md").read_text())
 
 

@@ -30,6 +30,7 @@ from compress.data import DataConfig, build_sequences
 from compress.fold import FoldConfig
 from compress.format import load_folded, save_folded
 from compress.heal import HealConfig, heal
+from compress.importance import GateConfig
 from compress.load import load_model
 from compress.methods import get_method, heal_config
 
@@ -138,6 +139,8 @@ def compress(cfg: CompressConfig) -> Path:
     fold_settings = {**data_settings, "fold": asdict(cfg.fold)}
     if cfg.peer is not None:  # FoldGPT's settings keep their old form, so its work dirs still resume
         fold_settings.update(method=cfg.method, peer=asdict(method_cfg))
+    elif cfg.fold.gate is None:  # the gates' defaults choose the blocks: a work dir made under other defaults is not this fold
+        fold_settings["fold"]["gate"] = asdict(GateConfig(num_remove=0))
     if not _claim_stage(work, "fold", fold_settings):
         student, report = run_method(cfg.method, copy.deepcopy(dense), calib, method_cfg)
         save_folded(student, work / "folded", tokenizer, provenance={"source": cfg.model, "method": cfg.method})

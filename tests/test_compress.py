@@ -400,6 +400,17 @@ def test_compress_refuses_a_work_dir_from_other_settings(tmp_path, tiny_dir, cap
     assert "other settings" in capsys.readouterr().err
 
 
+def test_default_gates_are_part_of_the_fold_key(tmp_path, tiny_dir):
+    from compress.recipe import CompressConfig, compress
+
+    model, text = tiny_dir
+    data = DataConfig(source=str(text), seq_len=16, num_sequences=8)
+    compress(CompressConfig(out=str(tmp_path / "f"), model=str(model), calib=data, heal_data=data, heal=None,
+                            fold=FoldConfig(removal_rate=0.34, group_size=2)))
+    recorded = json.loads((tmp_path / "f.work" / "fold.json").read_text())["settings"]["fold"]["gate"]
+    assert recorded == {**GateConfig(num_remove=0).__dict__, "budget_unit": "blocks", "temperature": [1.0, 0.05]}
+
+
 @pytest.mark.parametrize("flag, value, match", [
     ("--removal-rate", "1.5", "removal_rate"),
     ("--removal-rate", "0.95", "removes all"),
