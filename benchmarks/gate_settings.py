@@ -1,6 +1,6 @@
 """Which blocks do the gates close under other settings, and how good is that removal?
 
-    python benchmarks/gate_settings.py [--remove 10] [--settings "default;seed=1;steps=240"]
+    python benchmarks/gate_settings.py [--remove 10] [--settings "default;seed=1;steps=60,batch_size=2"]
                                        [--also "SLEB=work/peers/sleb-p25.work/folded"]   # from benchmarks/
 
 The gates (compress.importance.learn_gates) pick the blocks FoldGPT removes. Each
@@ -56,7 +56,9 @@ def removal_ppl(dense, tokenizer, blocks: list[int], text: str, tokens: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--remove", type=int, default=10, help="blocks to close (10 of 30: the 25%% point)")
-    ap.add_argument("--settings", default="default;seed=1;seed=2;steps=240;steps=240,batch_size=4,seq_len=256;hidden_mse=1.0")
+    old = "steps=60,batch_size=2,seq_len=128"  # the defaults before 240 x 4 x 64
+    ap.add_argument("--settings", default=f"{old};{old},seed=1;{old},seed=2;default;seed=1",
+                    help="';'-separated GateConfig overrides, 'default' for none (default: gate_settings.md's rows)")
     ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
     ap.add_argument("--also", action="append", default=[], metavar="NAME=DIR", help="another folded model to score")
     ap.add_argument("--name", default="gate_settings", help="results file stem under benchmarks/results/")
