@@ -139,7 +139,7 @@ def compress(cfg: CompressConfig) -> Path:
     fold_settings = {**data_settings, "fold": asdict(cfg.fold)}
     if cfg.peer is not None:  # FoldGPT's settings keep their old form, so its work dirs still resume
         fold_settings.update(method=cfg.method, peer=asdict(method_cfg))
-    elif cfg.fold.gate is None:  # the gates' defaults choose the blocks: a work dir made under other defaults is not this fold
+    elif cfg.fold.gate is None:  # the gates' defaults choose the blocks: record them in the key
         fold_settings["fold"]["gate"] = asdict(GateConfig(num_remove=0))
     if not _claim_stage(work, "fold", fold_settings):
         student, report = run_method(cfg.method, copy.deepcopy(dense), calib, method_cfg)
