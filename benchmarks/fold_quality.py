@@ -3,10 +3,11 @@
     python benchmarks/fold_quality.py [--heal-minutes 20] [--points p15r6,p25r10,p36r14] [--teacher-cache-mb 0]
     python benchmarks/fold_quality.py --points p25r10,p25r10:logits    # a cure variant beside the default
 
-A point is NAME[:DISTILL]: the cure's distillation target (compress.heal.Distill:
-hidden, logits, both, none; default the HealConfig default). A variant reuses the data
-and fold stages of its base point's work dir when that one has finished them (same
-settings, so the same gates, removal and sharing), and runs only its own cure.
+A point is NAME[:DISTILL][@MINUTES]: the cure's distillation target (compress.heal.Distill:
+hidden, logits, both, none; default the HealConfig default) and its budget (default
+--heal-minutes). A variant reuses the data and fold stages of its base point's work dir
+when that one has finished them (same settings, so the same gates, removal and sharing),
+and runs only its own cure.
 
 Writes benchmarks/results/fold_quality.{json,md} and two plots (accuracy vs size,
 gate values per block). Each point is a `compress` run with its own work dir under
@@ -86,13 +87,31 @@ def compress_config(name: str, heal, eval_cfg=None, reference: dict | None = Non
     from compress.fold import FoldConfig
     from compress.recipe import CompressConfig
 
-    rate, unique = POINTS[name.partition(":")[0]]
+    rate, unique = POINTS[parse_point(name)[0]]
     return CompressConfig(
-        out=str(WORK / name.replace(":", "-")), model="default",
+        out=str(point_dir(name)), model="default",
         heal_data=DataConfig(num_sequences=heal_sequences, seq_len=256, seed=1),
         fold=FoldConfig(removal_rate=rate, group_size=None, num_unique_blocks=unique),
         heal=heal, eval=eval_cfg, eval_reference=reference, resume=True,
     )
+
+
+def parse_point(point: str) -> tuple[str, str, float | None]:
+    """NAME[:DISTILL][@MINUTES] -> (name, distill or "", minutes or None)."""
+    head, _, minutes = point.partition("@")
+    name, _, distill = head.partition(":")
+    if name not in POINTS:
+        raise SystemExit(f"unknown point {name!r}; known: {', '.join(POINTS)} (as NAME[:DISTILL][@MINUTES])")
+    try:
+        return name, distill, float(minutes) if minutes else None
+    except ValueError:
+        raise SystemExit(f"bad cure minutes in {point!r}: expected NAME[:DISTILL][@MINUTES]") from None
+
+
+def point_dir(point: str) -> Path:
+    """p25r10 -> work/p25r10, p25r10:logits@40 -> work/p25r10-logits-40m."""
+    name, distill, minutes = parse_point(point)
+    return WORK / "-".join([name] + ([distill] if distill else []) + ([f"{minutes:g}m"] if minutes else []))
 
 
 def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_sequences: int,
@@ -100,14 +119,15 @@ def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_s
     from compress.heal import HealConfig
     from compress.recipe import compress
 
-    name, _, distill = point.partition(":")
+    name, distill, minutes = parse_point(point)
     rate, unique = POINTS[name]
-    heal = HealConfig(max_minutes=heal_minutes, teacher_cache_mb=teacher_cache_mb, **({"distill": distill} if distill else {}))
-    out = WORK / point.replace(":", "-")
+    heal = HealConfig(max_minutes=minutes or heal_minutes, teacher_cache_mb=teacher_cache_mb,
+                      **({"distill": distill} if distill else {}))
+    out = point_dir(point)
     if not (out / "eval.json").is_file():
         base = WORK / f"{name}.work"
         work = Path(f"{out}.work")
-        if distill and not work.exists() and (base / "fold.json").is_file() and (base / "folded").is_dir():
+        if (distill or minutes) and not work.exists() and (base / "fold.json").is_file() and (base / "folded").is_dir():
             work.mkdir(parents=True)
             for f in ("calib.pt", "heal.pt", "data.json", "fold.json", "fold_report.json"):
                 shutil.copy2(base / f, work / f)
@@ -117,6 +137,7 @@ def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_s
     ev = json.loads((out / "eval.json").read_text())
     prov = config["fold"]["provenance"]
     return {"name": point, "removal_rate": rate, "unique_blocks": unique, "distill": heal.distill.value,
+            "heal_minutes": heal.max_minutes,
             "schedule": config["fold"]["schedule"], "removed_blocks": prov["removed_blocks"], "params": prov["params"],
             "cure": prov["cure"], "gates": prov["gates"], "dense": ev["dense"], "folded": ev["folded"],
             "bytes": (out / "model.safetensors").stat().st_size, **run_settings(Path(f"{out}.work"))}
@@ -237,9 +258,10 @@ def main() -> None:
     eval_cfg = eval_config(args.limit, args.ppl_tokens)
     reference = dense_reference(eval_cfg)
     points = []
-    for name in args.points.split(","):
-        if name.partition(":")[0] not in POINTS:
-            raise SystemExit(f"unknown point {name!r}; known: {', '.join(POINTS)} (optionally NAME:DISTILL)")
+    names = args.points.split(",")
+    for name in names:
+        parse_point(name)  # every name checked before the first run starts
+    for name in names:
         t = time.monotonic()
         points.append(run_point(name, args.heal_minutes, eval_cfg, reference, args.heal_sequences, args.teacher_cache_mb))
         print(f"{name}: done in {(time.monotonic() - t) / 60:.1f} min", flush=True)
