@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from fold_quality import DEFAULT_POINTS, DEV, HEAL_SEQUENCES, RESULTS, WORK, dense_reference, eval_config, row, table_head
+from fold_quality import point_dir as fold_point_dir
 
 PEER_WORK = WORK / "peers"
 PEERS = ("shortgpt", "streamline", "layerchop", "sleb")
@@ -117,7 +118,7 @@ def foldgpt_points() -> list[dict]:
              "name": re.match(r"p\d+", p["name"]).group(0), "removed_blocks": p["removed_blocks"], "params": p["params"],
              "cure": p["cure"], "training_s": None, "report": {"schedule": p["schedule"], "gates": p.get("gate_setting")},
              "dense": p["dense"], "folded": p["folded"], "bytes": p["bytes"],
-             "dir": str(WORK / p["name"].replace(":", "-"))} for p in json.loads(file.read_text())]
+             "dir": str(fold_point_dir(p["name"]))} for p in json.loads(file.read_text())]
 
 
 def label(r: dict) -> str:
@@ -181,6 +182,8 @@ def write_report(rows: list[dict], command: str, decode: dict | None = None, mis
     lines += ["", "Removed source blocks (and each method's choice):", ""]
     for r in rows:
         detail = {k: r["report"][k] for k in ("span", "order", "placement", "schedule", "gates") if r["report"].get(k)}
+        if r["cure"]:  # a budget in minutes: steps vary with depth and with the machine's load
+            detail["cure steps"] = r["cure"]["steps"]
         lines.append(f"- {r['name']} {r['method']}: removed {r['removed_blocks']} {json.dumps(detail)}")
     (RESULTS / "peers.md").write_text("\n".join(lines) + "\n")
     plot(rows)
