@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from fold_quality import DEFAULT_POINTS, DEV, HEAL_SEQUENCES, RESULTS, WORK, dense_reference, eval_config, row, table_head
-from fold_quality import point_dir as fold_point_dir
+from fold_quality import parse_point, point_dir as fold_point_dir
 
 PEER_WORK = WORK / "peers"
 PEERS = ("shortgpt", "streamline", "layerchop", "sleb")
@@ -112,7 +112,9 @@ def foldgpt_points() -> list[dict]:
         if p["name"] in DEFAULT_POINTS:
             return "foldgpt"
         pairs = len(p["schedule"]) - p["unique_blocks"]
-        return f"foldgpt {len(p['removed_blocks'])} removed + {pairs} pairs" + (f" ({p['distill']})" if ":" in p["name"] else "")
+        _, distill, minutes = parse_point(p["name"])
+        variant = ", ".join(([distill] if distill else []) + ([f"{minutes:g}-min cure"] if minutes else []))
+        return f"foldgpt {len(p['removed_blocks'])} removed + {pairs} pairs" + (f" ({variant})" if variant else "")
 
     return [{"method": method(p),
              "name": re.match(r"p\d+", p["name"]).group(0), "removed_blocks": p["removed_blocks"], "params": p["params"],
