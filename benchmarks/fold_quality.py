@@ -124,10 +124,14 @@ def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_s
     heal = HealConfig(max_minutes=minutes or heal_minutes, teacher_cache_mb=teacher_cache_mb,
                       **({"distill": distill} if distill else {}))
     out = point_dir(point)
-    if not (out / "eval.json").is_file():
+    if (out / "eval.json").is_file():
+        check_budget(out, heal.max_minutes)
+    else:
         base = WORK / f"{name}.work"
         work = Path(f"{out}.work")
-        if (distill or minutes) and not work.exists() and (base / "fold.json").is_file() and (base / "folded").is_dir():
+        if (distill or minutes) and not work.exists():
+            if not json.loads((base / "fold.json").read_text() if (base / "fold.json").is_file() else '{}').get("done"):
+                raise SystemExit(f"{point} copies the fold of {name}, which has not run: run point {name} first")
             work.mkdir(parents=True)
             for f in ("calib.pt", "heal.pt", "data.json", "fold.json", "fold_report.json"):
                 shutil.copy2(base / f, work / f)
@@ -137,10 +141,31 @@ def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_s
     ev = json.loads((out / "eval.json").read_text())
     prov = config["fold"]["provenance"]
     return {"name": point, "removal_rate": rate, "unique_blocks": unique, "distill": heal.distill.value,
-            "heal_minutes": heal.max_minutes,
+            "heal_minutes": recorded_minutes(Path(f"{out}.work")),
             "schedule": config["fold"]["schedule"], "removed_blocks": prov["removed_blocks"], "params": prov["params"],
             "cure": prov["cure"], "gates": prov["gates"], "dense": ev["dense"], "folded": ev["folded"],
             "bytes": (out / "model.safetensors").stat().st_size, **run_settings(Path(f"{out}.work"))}
+
+
+def recorded_minutes(work: Path) -> float | None:
+    """The training budget a finished run had, from its stage records: the cure's, or an
+    untrained-cure method's own training (Streamline's replacement); None without either."""
+    for stage, path in (("cure", ("heal", "max_minutes")), ("fold", ("peer", "train_minutes"))):
+        file = work / f"{stage}.json"
+        if file.is_file():
+            value = json.loads(file.read_text())["settings"]
+            for key in path:
+                value = (value or {}).get(key)
+            if value is not None:
+                return value
+    return None
+
+
+def check_budget(out: Path, minutes: float | None) -> None:
+    """A finished run is reused only if it had the budget asked for now."""
+    ran = recorded_minutes(Path(f"{out}.work"))
+    if ran != minutes:
+        raise SystemExit(f"{out} ran with a {ran} min budget, not {minutes}: delete it (and {out}.work) to rerun")
 
 
 def run_settings(work: Path) -> dict:

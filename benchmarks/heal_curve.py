@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -32,13 +33,13 @@ def write_report(runs: list[dict], command: str) -> None:
         f"# Cure budget vs quality: {runs[0]['name'].partition('@')[0]} on SmolLM2-135M-Instruct",
         "",
         f"Reproduce: `{command}`. One fold (same gates, removal, sharing), each budget its own cure",
-        f"(2 CPU cores, teacher cache off). Target (issue 3): wikitext2 ppl <= {TARGET_PPL}x dense, accuracy >= {TARGET_ACC:.0%} of dense.",
+        f"({len(os.sched_getaffinity(0))} CPU cores, teacher cache off). Target (issue 3): wikitext2 ppl <= {TARGET_PPL}x dense, accuracy >= {TARGET_ACC:.0%} of dense.",
         "",
     ] + table_head(dense, runs[0]["params"]["source_unique"], "cure", {"steps": "-"})
     for r in runs:
         cure = r["cure"] or {}
         lines.append(row(f"{r['heal_minutes']:g}-min cure", r["params"]["unique"], r["bytes"], r["folded"], dense,
-                         cure.get("seconds"), (str(cure.get("steps")),)))
+                         cure.get("seconds"), (str(cure.get("steps", "-")),)))
     (RESULTS / "heal_curve.md").write_text("\n".join(lines) + "\n")
     plot(runs)
 
@@ -63,7 +64,7 @@ def plot(runs: list[dict]) -> None:
     for ax in (ppl_ax, acc_ax):
         ax.set_xscale("log", base=2)
         ax.set_xticks(minutes, [f"{m:g}" for m in minutes])
-        ax.set_xlabel("cure budget (minutes, 2 CPU cores)")
+        ax.set_xlabel(f"cure budget (minutes, {len(os.sched_getaffinity(0))} CPU cores)")
         ax.legend(fontsize=8)
     fig.suptitle(f"{runs[0]['name'].partition('@')[0]}: quality vs cure budget")
     fig.tight_layout()
@@ -95,10 +96,11 @@ def main() -> None:
     reference = dense_reference(eval_cfg)
     command = "python benchmarks/heal_curve.py " + " ".join(sys.argv[1:])
     runs = []
-    for p in points:
+    for p in sorted(points, key=lambda p: "@" in p):  # the base point first: every other budget copies its fold
         t = time.monotonic()
         runs.append(run_point(p, args.heal_minutes, eval_cfg, reference, HEAL_SEQUENCES))
         print(f"{p}: done in {(time.monotonic() - t) / 60:.1f} min", flush=True)
+        runs.sort(key=lambda r: r["heal_minutes"])
         write_report(runs, command)
     print((RESULTS / "heal_curve.md").read_text())
 

@@ -37,8 +37,9 @@ import sys
 import time
 from pathlib import Path
 
-from fold_quality import DEFAULT_POINTS, DEV, HEAL_SEQUENCES, RESULTS, WORK, dense_reference, eval_config, row, table_head
-from fold_quality import parse_point, point_dir as fold_point_dir
+from fold_quality import (DEFAULT_POINTS, DEV, HEAL_SEQUENCES, RESULTS, WORK, check_budget, dense_reference,
+                          eval_config, parse_point, row, table_head)
+from fold_quality import point_dir as fold_point_dir
 
 PEER_WORK = WORK / "peers"
 PEERS = ("shortgpt", "streamline", "layerchop", "sleb")
@@ -83,7 +84,9 @@ def run_point(method: str, name: str, args, eval_cfg, reference: dict) -> dict:
         method, {"max_minutes": args.heal_minutes}, teacher_cache_mb=args.teacher_cache_mb)
     # Streamline trains on the calibration set: give it as many sequences as the others heal on
     calib = DataConfig(num_sequences=max(32, args.heal_sequences) if method == "streamline" else 32, seq_len=256)
-    if not (out / "eval.json").is_file():
+    if (out / "eval.json").is_file():
+        check_budget(out, None if as_published else args.heal_minutes)
+    else:
         compress(CompressConfig(
             out=str(out), model="default", method=method, calib=calib,
             peer=peer_config(method, blocks, args.heal_minutes, args.sleb_sequences),
@@ -123,6 +126,11 @@ def foldgpt_points() -> list[dict]:
              "dir": str(fold_point_dir(p["name"]))} for p in json.loads(file.read_text())]
 
 
+def summary(m: dict) -> dict:
+    """An evaluate() result's headline numbers, to tell two references apart."""
+    return {"ppl": m["perplexity"], **{t: (v["n"], v["acc_norm"]) for t, v in m["tasks"].items()}}
+
+
 def label(r: dict) -> str:
     return f"{r['name']} {r['method']}"
 
@@ -159,6 +167,10 @@ def write_report(rows: list[dict], command: str, decode: dict | None = None, mis
     (RESULTS / "peers.json").write_text(json.dumps({"command": command, "decode": decode, "rows": rows,
                                                     "not_run": list(missing)}, indent=1, default=str))
     dense = rows[0]["dense"]
+    for r in rows:  # every ratio is taken against this one dense result
+        if summary(r["dense"]) != summary(dense):
+            raise SystemExit(f"{label(r)} was evaluated against another dense result (other --limit or --ppl-tokens?): "
+                             f"{summary(r['dense'])} vs {summary(dense)}")
     speed = "decode tok/s (x dense)"
     dense_speed = f"{decode['dense']['decode_tokens_per_s']['p50']:.1f}" if decode and "dense" in decode else "-"
 
@@ -238,7 +250,8 @@ def main() -> None:
     methods = args.methods.split(",")
     for m in methods:
         if m not in PEERS + tuple(t + NO_CURE for t in TRAINING_FREE):
-            raise SystemExit(f"unknown method {m!r}; this benchmark runs {', '.join(PEERS)} (FoldGPT: fold_quality.py)")
+            raise SystemExit(f"unknown method {m!r}; this benchmark runs {', '.join(PEERS)} and "
+                             f"{', '.join(t + NO_CURE for t in TRAINING_FREE)} (FoldGPT: fold_quality.py)")
     eval_cfg = eval_config(args.limit, args.ppl_tokens)
     reference = dense_reference(eval_cfg)
     command = "python benchmarks/peers.py " + shlex.join(sys.argv[1:])

@@ -30,7 +30,8 @@ common constant (bisection) so the expected open mass is K. Steps are normalised
 largest gradient (s -= lr * grad / max|grad|): Adam's per-parameter normalisation would
 turn every gate's step into the sign of its gradient and erase the magnitudes that rank
 the blocks. T anneals geometrically (1 -> 0.05), so late samples are nearly binary. The
-closed set is the `num_remove` lowest logits. Reported gates are deterministic,
+closed set is the `num_remove` lowest logits (in params units, lowest first while the
+budget of the `num_remove` smallest blocks pays for them). Reported gates are deterministic,
 sigmoid(s / T) after a final anneal that separates the R-th and (R+1)-th logits, so
 exactly R gates are below 0.5 unless two logits tie; `separated` says so.
 """
@@ -147,6 +148,18 @@ def _project_to_budget(logits: torch.Tensor, weights: torch.Tensor, target: floa
     logits.add_((lo + hi) / 2)
 
 
+def _fit_budget(order: list[int], weights: torch.Tensor, removal: float) -> list[int]:
+    """Lowest logits first, close each block whose cost still fits the removal budget. In
+    blocks this is the first R; in params a large block the budget cannot pay for stays,
+    even when its gate is the lowest (the budget held every step, so it never reached 0)."""
+    closed, left = [], removal + 1e-6
+    for i in order:
+        if weights[i] <= left:
+            closed.append(i)
+            left -= float(weights[i])
+    return closed
+
+
 def learn_gates(model: nn.Module, data: torch.Tensor, cfg: GateConfig) -> GateResult:
     """Train one gate per block on `data` (LongTensor [n, seq]) and pick the blocks to close.
 
@@ -217,8 +230,8 @@ def learn_gates(model: nn.Module, data: torch.Tensor, cfg: GateConfig) -> GateRe
         gates.temperature = min(gates.temperature, max(gap, 1e-6) / 10)
         _project_to_budget(gates.logits, weights, target, gates.temperature)
     final = gates.values().detach()
-    closed = order[: cfg.num_remove]
-    opened = order[cfg.num_remove:]
+    closed = _fit_budget(order, weights, float(weights.sort().values[: cfg.num_remove].sum()))
+    opened = [i for i in order if i not in closed]
     result.gates = [round(x, 5) for x in final.tolist()]
     result.closed = closed
     result.separated = all(final[c] < 0.5 for c in closed) and all(final[o] >= 0.5 for o in opened)

@@ -3,6 +3,7 @@ Hugging Face or folded directory, or a hub id (when a hub is reachable)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -38,28 +39,64 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def _resolve(source: str | os.PathLike) -> tuple[str, Path | str]:
+    """Which loader a source names: ("gguf", file), ("folded", dir) or ("hub", id).
+    Raises FileNotFoundError / ValueError with a one-line reason."""
+    source = str(source)
+    if source == DEFAULT_MODEL:
+        return "gguf", default_gguf()
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such GGUF file")
+        return "gguf", path
+    if path.exists():
+        if path.is_file():
+            raise ValueError(f"{path}: not a model (expected a directory, a .gguf file or 'default')")
+        return "folded", path
+    if not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", source):
+        raise FileNotFoundError(f"{source}: no such file or directory")
+    return "hub", source
+
+
 def load_model(source: str | os.PathLike, dtype: str | torch.dtype | None = None) -> tuple[nn.Module, object]:
     """Returns (model in eval mode, tokenizer). GGUF weights are dequantized (fp32 unless
     `dtype` says bf16). Raises FileNotFoundError / ValueError with a one-line reason."""
     from compress.format import load_folded
 
     dtype = resolve_dtype(dtype)
-    source = str(source)
-    if source == DEFAULT_MODEL:
-        return load_gguf(default_gguf(), dtype)
-    path = Path(source).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such GGUF file")
-        return load_gguf(path, dtype)
-    if path.exists():
-        if path.is_file():
-            raise ValueError(f"{path}: not a model (expected a directory, a .gguf file or 'default')")
-        model, tok = load_folded(path, dtype)
-        return model, tok
-    if not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", source):
-        raise FileNotFoundError(f"{source}: no such file or directory")
-    return _load_hub(source, dtype)
+    kind, where = _resolve(source)
+    if kind == "gguf":
+        return load_gguf(where, dtype)
+    if kind == "folded":
+        return load_folded(where, dtype)
+    return _load_hub(where, dtype)
+
+
+def load_depth(source: str | os.PathLike) -> int:
+    """The source's number of decoder blocks, read without its weights, so settings that
+    depend on the depth are checked before the model loads. Raises like `load_model`."""
+    from transformers import AutoConfig
+
+    kind, where = _resolve(source)
+    if kind == "gguf":
+        fields = _check_gguf(where).fields
+        arch = fields["general.architecture"].contents()
+        if f"{arch}.block_count" not in fields:
+            raise ValueError(f"{where}: GGUF metadata has no {arch}.block_count")
+        return int(fields[f"{arch}.block_count"].contents())
+    if kind == "folded":
+        from compress.format import read_fold_section
+
+        read_fold_section(where)  # the folded format's own message for a directory without a config
+    try:
+        config = AutoConfig.from_pretrained(where)
+    except OSError as e:
+        raise FileNotFoundError(f"{source}: no readable config ({str(e).splitlines()[0][:160]})") from None
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{source}: cannot read its config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    get_adapter(config)  # an unsupported architecture fails here, not after the weights load
+    return config.num_hidden_layers
 
 
 def save_dense(source: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
@@ -90,19 +127,25 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None):
     return model, tokenizer
 
 
-def _check_gguf(path: Path) -> None:
-    """Parse the GGUF header and tensor table up front: a truncated file otherwise fails
-    deep inside transformers with an unrelated message."""
+def _check_gguf(path: Path):
+    """Parse the GGUF header and tensor table up front (a truncated file otherwise fails
+    deep inside transformers with an unrelated message); returns the reader."""
+    stat = path.stat()
+    return _gguf_reader(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_reader(path: Path, size: int, mtime_ns: int):  # once per file version: the header walk is seconds of Python
     from gguf import GGUFReader
 
     try:
         reader = GGUFReader(str(path))
-        size = path.stat().st_size
         for t in reader.tensors:
             if t.data_offset + t.n_bytes > size:
                 raise ValueError(f"tensor {t.name} ends past the end of the file")
     except Exception as e:
         raise ValueError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+    return reader
 
 
 def _drop_quantization(model: nn.Module) -> None:

@@ -25,13 +25,12 @@ from pathlib import Path
 
 import torch
 
-from compress.adapter import get_adapter
 from compress.data import DataConfig, build_sequences
 from compress.fold import FoldConfig
 from compress.format import load_folded, save_folded
 from compress.heal import HealConfig, heal
 from compress.importance import GateConfig
-from compress.load import load_model
+from compress.load import load_depth, load_model
 from compress.methods import get_method, heal_config
 
 METHOD_DEFAULT = "method default"
@@ -73,7 +72,12 @@ class CompressConfig:
     def method_config(self, num_layers: int):
         """The chosen method's config with its removal count resolved; ValueError if the
         count does not fit a model of `num_layers` blocks."""
-        cfg = self.fold if self.peer is None else self.peer.resolved(self.fold.num_remove(num_layers))
+        if self.peer is None:
+            cfg = self.fold
+        else:
+            cfg = self.peer.resolved(self.fold.num_remove(num_layers))
+            if cfg is not self.peer and self.fold.num_remove(num_layers) >= num_layers:  # the count came from the rate
+                raise ValueError(f"removal_rate {self.fold.removal_rate} removes all {num_layers} blocks")
         cfg.check(num_layers)
         return cfg
 
@@ -115,13 +119,13 @@ def _save_tensor(t: torch.Tensor, path: Path) -> None:
 
 def compress(cfg: CompressConfig) -> Path:
     """Run the recipe; returns the output directory. Raises ValueError/FileNotFoundError
-    for bad settings before any heavy work (model loading aside)."""
+    for bad settings before any heavy work: the depth is read without the weights."""
     work = cfg.work
     if work.exists() and not cfg.resume and any(work.iterdir()):
         raise ValueError(f"{work} exists from an earlier run; pass --resume to continue it, or choose another --out")
+    method_cfg = cfg.method_config(load_depth(cfg.model))
     work.mkdir(parents=True, exist_ok=True)
     dense, tokenizer = load_model(cfg.model, cfg.dtype)
-    method_cfg = cfg.method_config(len(get_adapter(dense).get_layers(dense)))
     timings: dict[str, float] = {}
 
     # 1. data

@@ -135,9 +135,21 @@ def test_gates_close_the_requested_number(num_remove):
     assert sum(g < 0.5 for g in result.gates) == num_remove
 
 
-def test_gate_budget_in_params_units():
-    result = learn_gates(tiny_model(layers=4), tokens(), GateConfig(num_remove=1, steps=20, budget_unit="params"))
-    assert len(result.closed) == 1
+@pytest.mark.parametrize("unit", ["blocks", "params"])
+def test_gate_budget_unit_weighs_blocks_by_size(unit):
+    """Block 1 is exactly redundant but three times the size of the others (an unused
+    parameter): counting blocks, it is the one to close; counting parameters, closing it
+    removes more than one small block's worth, so the budget keeps it open."""
+    model = tiny_model(layers=4)
+    identity_blocks(model, [1])
+    big = get_adapter(model).get_layers(model)[1]
+    big.register_parameter("unused", torch.nn.Parameter(torch.zeros(2 * sum(p.numel() for p in big.parameters()))))
+    result = learn_gates(model, tokens(), GateConfig(num_remove=1, steps=20, budget_unit=unit))
+    w = torch.tensor([1.0, 3.0, 1.0, 1.0] if unit == "params" else [1.0] * 4)
+    w = w / w.mean()
+    keep = torch.tensor(result.trajectory[-1])
+    assert float((w * keep).sum()) == pytest.approx(float(w.sum() - w.min()), rel=1e-3)  # the budget held
+    assert (result.closed == [1]) == (unit == "blocks")
 
 
 # --- fold ---------------------------------------------------------------------------
@@ -183,10 +195,29 @@ def test_share_scorer_tail_replays_the_full_forward(family):
 
 
 def test_best_candidate_is_the_lowest_measured_kl():
+    """Each member's score equals KL(dense || whole model with that member's weights at
+    both depths), computed here from scratch with full forwards."""
+    import torch.nn.functional as F
+
     model = tiny_model(layers=4, hidden=64, vocab=99)
-    best, table = best_candidate(model, tokens(), [0, 1], FoldConfig())
+    calib, cfg = tokens(), FoldConfig()
+    best, table = best_candidate(model, calib, [0, 1], cfg)
     assert set(table) == {"0", "1", "mean", "regmean"}
-    assert table[str(best)] == min(table.values())
+    batches = [calib[i:i + cfg.score_batch_size] for i in range(0, min(len(calib), cfg.score_batches * cfg.score_batch_size),
+                                                                  cfg.score_batch_size)]
+    names = get_adapter(model).shared_param_names(get_adapter(model).get_layers(model)[0])
+    for member in (0, 1):
+        shared = copy.deepcopy(model)
+        layers = get_adapter(shared).get_layers(shared)
+        with torch.no_grad():
+            for n in names:
+                for d in (0, 1):
+                    layers[d].get_parameter(n).copy_(get_adapter(model).get_layers(model)[member].get_parameter(n))
+            kl = sum(F.kl_div(F.log_softmax(shared(b, use_cache=False).logits, -1).flatten(0, 1),
+                              F.log_softmax(model(b, use_cache=False).logits, -1).flatten(0, 1),
+                              log_target=True, reduction="batchmean").item() for b in batches) / len(batches)
+        assert table[str(member)] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+    assert table[str(best)] == min(table.values()) and table["0"] != table["1"]
 
 
 def test_regmean_keeps_what_each_member_uses():
@@ -411,20 +442,24 @@ def test_default_gates_are_part_of_the_fold_key(tmp_path, tiny_dir):
     assert recorded == {**GateConfig(num_remove=0).__dict__, "budget_unit": "blocks", "temperature": [1.0, 0.05]}
 
 
-@pytest.mark.parametrize("flag, value, match", [
-    ("--removal-rate", "1.5", "removal_rate"),
-    ("--removal-rate", "0.95", "removes all"),
-    ("--group-size", "9", "larger than"),
-    ("--heal-steps", "0", "max_steps must be positive"),
-    ("--seq-len", "50000", "data too short"),
+@pytest.mark.parametrize("flag, value, match, before", [
+    ("--removal-rate", "1.5", "removal_rate", "load"),
+    ("--removal-rate", "0.95", "removes all", "load"),
+    ("--group-size", "9", "larger than", "load"),
+    ("--heal-steps", "0", "max_steps must be positive", "load"),
+    ("--seq-len", "50000", "data too short", "fold"),  # needs the tokenizer: found by the data stage
 ])
-def test_compress_bad_input_is_one_line(tmp_path, tiny_dir, capsys, flag, value, match, monkeypatch):
+def test_compress_bad_input_is_one_line(tmp_path, tiny_dir, capsys, flag, value, match, before, monkeypatch):
     import compress.recipe as recipe
     from foldgpt.cli import main
 
     monkeypatch.setattr(recipe, "run_method", lambda *a, **k: pytest.fail("heavy work started before the check"))
+    if before == "load":
+        monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
     args = compress_args(tmp_path, tiny_dir)
     args[args.index(flag) + 1] = value
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and "\n" not in err
+    if before == "load":
+        assert not (tmp_path / "folded.work").exists()

@@ -31,8 +31,11 @@ def test_folded_default_model_bytes_and_round_trip(default_model, tmp_path):
     share_blocks(model, [d // 2 for d in range(24)])
     path = save_folded(model, tmp_path / "folded", tok, provenance={"source": "default"})
     disk = (path / WEIGHTS_NAME).stat().st_size
-    unique = count_parameters(model).unique_bytes
-    assert unique <= disk <= 1.01 * unique
+    counts = count_parameters(model)
+    block, norms = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536, 2 * 576  # q, o; k, v (3 of 9 heads); gate, up, down
+    assert counts.effective == 49152 * 576 + 24 * (block + norms) + 576  # README: 113.27M
+    assert counts.unique == 49152 * 576 + 12 * block + 24 * norms + 576  # README: 70.81M
+    assert counts.unique_bytes <= disk <= 1.001 * counts.unique_bytes  # README: 1.0001x
     loaded, tok2 = load_folded(path)
     ids = tok2("Folding shares weights between", return_tensors="pt").input_ids
     with torch.no_grad():

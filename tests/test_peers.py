@@ -283,7 +283,10 @@ def test_cli_unknown_method_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, match", [
     (["--method", "shortgpt", "--num-remove", "6"], "would leave no block"),
+    (["--method", "sleb", "--num-remove", "6"], "would leave no block"),
+    (["--method", "layerchop", "--num-remove", "5"], "removes at most 4, not 5"),
     (["--method", "streamline", "--span", "7"], "longer than the model's 6 blocks"),
+    (["--method", "streamline", "--removal-rate", "0.95"], "removal_rate 0.95 removes all 6 blocks"),
     (["--method", "layerchop", "--placement", "end"], "unknown placement"),
     (["--method", "sleb", "--span", "2"], "method sleb has no option span"),
 ])
@@ -291,10 +294,12 @@ def test_cli_bad_method_input_is_one_line_before_work(tmp_path, tiny_dir, capsys
     import compress.recipe as recipe
     from foldgpt.cli import main
 
+    monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
     monkeypatch.setattr(recipe, "run_method", lambda *a, **k: pytest.fail("heavy work started before the check"))
     assert main(compress_args(tmp_path, tiny_dir, *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and "\n" not in err
+    assert not (tmp_path / "folded.work").exists()
 
 
 @pytest.mark.parametrize("method, extra, key", [
