@@ -81,7 +81,7 @@ def load_depth(source: str | os.PathLike) -> int:
     kind, where = _resolve(source)
     if kind == "gguf":
         fields = _check_gguf(where).fields
-        arch = fields["general.architecture"].contents()
+        arch = fields["general.architecture"].contents() if "general.architecture" in fields else "?"
         if f"{arch}.block_count" not in fields:
             raise ValueError(f"{where}: GGUF metadata has no {arch}.block_count")
         return int(fields[f"{arch}.block_count"].contents())
@@ -92,7 +92,8 @@ def load_depth(source: str | os.PathLike) -> int:
     try:
         config = AutoConfig.from_pretrained(where)
     except OSError as e:
-        raise FileNotFoundError(f"{source}: no readable config ({str(e).splitlines()[0][:160]})") from None
+        raise (_hub_error(where, e) if kind == "hub" else
+               FileNotFoundError(f"{source}: no readable config ({str(e).splitlines()[0][:160]})")) from None
     except (ValueError, KeyError) as e:
         raise ValueError(f"{source}: cannot read its config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     get_adapter(config)  # an unsupported architecture fails here, not after the weights load
@@ -170,9 +171,11 @@ def _load_hub(repo_id: str, dtype: torch.dtype | None):
         model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype or "auto")
         tokenizer = AutoTokenizer.from_pretrained(repo_id)
     except OSError as e:
-        raise FileNotFoundError(
-            f"{repo_id}: not a local path, and the hub could not provide it ({str(e).splitlines()[0][:160]})"
-        ) from None
+        raise _hub_error(repo_id, e) from None
     get_adapter(model)
     model.eval()
     return model, tokenizer
+
+
+def _hub_error(repo_id: str, e: OSError) -> FileNotFoundError:
+    return FileNotFoundError(f"{repo_id}: not a local path, and the hub could not provide it ({str(e).splitlines()[0][:160]})")

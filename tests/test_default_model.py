@@ -6,7 +6,7 @@ import torch
 
 from compress.blocks import count_parameters, remove_blocks, share_blocks
 from compress.format import WEIGHTS_NAME, load_folded, save_folded
-from compress.load import default_gguf, load_model
+from compress.load import default_gguf, load_depth, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_default_model_loads_from_gguf(default_model):
     model, tok = default_model
     counts = count_parameters(model)
-    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30 == load_depth("default")
     assert counts.unique == pytest.approx(134.5e6, rel=0.002)
     assert counts.embedding == 49152 * 576
     assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -144,3 +144,16 @@ def test_weights_that_do_not_match_the_schedule(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="do not match the schedule"):
         load_folded(path)
+
+
+def test_load_depth_reads_the_config_not_the_weights(tmp_path):
+    from compress.load import load_depth
+
+    path = save_folded(folded(), tmp_path / "m")
+    (path / WEIGHTS_NAME).write_bytes(b"\x00garbage")  # never read: the depth is in config.json
+    assert load_depth(path) == json.loads((path / "config.json").read_text())["num_hidden_layers"] == 5
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_depth(tmp_path / "empty")
+    with pytest.raises(ValueError, match="not a model"):
+        load_depth(path / WEIGHTS_NAME)
