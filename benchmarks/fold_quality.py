@@ -3,11 +3,14 @@
     python benchmarks/fold_quality.py [--heal-minutes 20] [--points p15r6,p25r10,p36r14] [--teacher-cache-mb 0]
     python benchmarks/fold_quality.py --points p25r10,p25r10:logits    # a cure variant beside the default
 
-A point is NAME[:DISTILL][@MINUTES]: the cure's distillation target (compress.heal.Distill:
-hidden, logits, both, none; default the HealConfig default) and its budget (default
---heal-minutes). A variant reuses the data and fold stages of its base point's work dir
-when that one has finished them (same settings, so the same gates, removal and sharing),
-and runs only its own cure.
+A point is NAME[:DISTILL][@MINUTES][+WINDOWS]: the cure's distillation target
+(compress.heal.Distill: hidden, logits, both, none; default the HealConfig default), its
+budget (default --heal-minutes) and its healing text in 256-token windows (default
+--heal-sequences). A DISTILL or MINUTES variant reuses the data and fold stages of its
+base point's work dir (same settings, so the same gates, removal and sharing) and runs
+only its own cure; a WINDOWS variant redoes them (the healing text is part of their
+key), from the same calibration text and seeds, so its gates choose as the base's did
+(its row lists the removed blocks to check).
 
 Writes benchmarks/results/fold_quality.{json,md} and two plots (accuracy vs size,
 gate values per block). Each point is a `compress` run with its own work dir under
@@ -23,6 +26,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV = ROOT.parent / "shared" / "data" / "dev"
@@ -87,31 +91,50 @@ def compress_config(name: str, heal, eval_cfg=None, reference: dict | None = Non
     from compress.fold import FoldConfig
     from compress.recipe import CompressConfig
 
-    rate, unique = POINTS[parse_point(name)[0]]
+    p = parse_point(name)
+    rate, unique = POINTS[p.name]
     return CompressConfig(
         out=str(point_dir(name)), model="default",
-        heal_data=DataConfig(num_sequences=heal_sequences, seq_len=256, seed=1),
+        heal_data=DataConfig(num_sequences=p.windows or heal_sequences, seq_len=256, seed=1),
         fold=FoldConfig(removal_rate=rate, group_size=None, num_unique_blocks=unique),
         heal=heal, eval=eval_cfg, eval_reference=reference, resume=True,
     )
 
 
-def parse_point(point: str) -> tuple[str, str, float | None]:
-    """NAME[:DISTILL][@MINUTES] -> (name, distill or "", minutes or None)."""
-    head, _, minutes = point.partition("@")
+class Point(NamedTuple):
+    name: str
+    distill: str  # "" = the HealConfig default
+    minutes: float | None  # None = --heal-minutes
+    windows: int | None  # None = --heal-sequences
+
+    def variant(self) -> str:
+        """What sets the point apart from its base, for labels ("" for a base point)."""
+        return ", ".join(([self.distill] if self.distill else []) + ([f"{self.minutes:g}-min cure"] if self.minutes else [])
+                         + ([f"{self.windows} healing windows"] if self.windows else []))
+
+
+def parse_point(point: str) -> Point:
+    """NAME[:DISTILL][@MINUTES][+WINDOWS] -> Point."""
+    grammar = "expected NAME[:DISTILL][@MINUTES][+WINDOWS]"
+    head, _, windows = point.partition("+")
+    head, _, minutes = head.partition("@")
     name, _, distill = head.partition(":")
     if name not in POINTS:
-        raise SystemExit(f"unknown point {name!r}; known: {', '.join(POINTS)} (as NAME[:DISTILL][@MINUTES])")
+        raise SystemExit(f"unknown point {name!r}; known: {', '.join(POINTS)} ({grammar})")
     try:
-        return name, distill, float(minutes) if minutes else None
+        parsed = Point(name, distill, float(minutes) if minutes else None, int(windows) if windows else None)
     except ValueError:
-        raise SystemExit(f"bad cure minutes in {point!r}: expected NAME[:DISTILL][@MINUTES]") from None
+        raise SystemExit(f"bad cure minutes or windows in {point!r}: {grammar}") from None
+    if (parsed.minutes is not None and parsed.minutes <= 0) or (parsed.windows is not None and parsed.windows < 1):
+        raise SystemExit(f"{point!r}: minutes and windows must be positive")
+    return parsed
 
 
 def point_dir(point: str) -> Path:
-    """p25r10 -> work/p25r10, p25r10:logits@40 -> work/p25r10-logits-40m."""
-    name, distill, minutes = parse_point(point)
-    return WORK / "-".join([name] + ([distill] if distill else []) + ([f"{minutes:g}m"] if minutes else []))
+    """p25r10 -> work/p25r10, p25r10:logits@40+1024 -> work/p25r10-logits-40m-1024w."""
+    p = parse_point(point)
+    return WORK / "-".join([p.name] + ([p.distill] if p.distill else []) + ([f"{p.minutes:g}m"] if p.minutes else [])
+                           + ([f"{p.windows}w"] if p.windows else []))
 
 
 def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_sequences: int,
@@ -119,7 +142,7 @@ def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_s
     from compress.heal import HealConfig
     from compress.recipe import compress
 
-    name, distill, minutes = parse_point(point)
+    name, distill, minutes, windows = parse_point(point)
     rate, unique = POINTS[name]
     heal = HealConfig(max_minutes=minutes or heal_minutes, teacher_cache_mb=teacher_cache_mb,
                       **({"distill": distill} if distill else {}))
@@ -129,7 +152,7 @@ def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_s
     else:
         base = WORK / f"{name}.work"
         work = Path(f"{out}.work")
-        if (distill or minutes) and not work.exists():
+        if (distill or minutes) and not windows and not work.exists():
             if not json.loads((base / "fold.json").read_text() if (base / "fold.json").is_file() else '{}').get("done"):
                 raise SystemExit(f"{point} copies the fold of {name}, which has not run: run point {name} first")
             work.mkdir(parents=True)
@@ -141,7 +164,7 @@ def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_s
     ev = json.loads((out / "eval.json").read_text())
     prov = config["fold"]["provenance"]
     return {"name": point, "removal_rate": rate, "unique_blocks": unique, "distill": heal.distill.value,
-            "heal_minutes": recorded_minutes(Path(f"{out}.work")),
+            "heal_minutes": recorded_minutes(Path(f"{out}.work")), "heal_windows": windows or heal_sequences,
             "schedule": config["fold"]["schedule"], "removed_blocks": prov["removed_blocks"], "params": prov["params"],
             "cure": prov["cure"], "gates": prov["gates"], "dense": ev["dense"], "folded": ev["folded"],
             "bytes": (out / "model.safetensors").stat().st_size, **run_settings(Path(f"{out}.work"))}
@@ -217,7 +240,8 @@ def write_report(points: list[dict]) -> None:
         "",
         f"Reproduce: `python benchmarks/fold_quality.py --points {','.join(p['name'] for p in points)}` "
         "(dev sets from ../shared/data/dev; measurement only).",
-        "Calibration and healing text: generated by the dense model itself. Same cure budget at every point.",
+        "Calibration and healing text: generated by the dense model itself. Same cure budget and healing text at every",
+        "point unless its name says otherwise (NAME[:DISTILL][@MINUTES][+WINDOWS]: distill target, cure minutes, 256-token windows).",
         "pNN: about NN% of total parameters removed; rK: K blocks removed by the gates, the rest of the size (if any)",
         "by sharing adjacent pairs. Layers / blocks: depth / unique blocks. The default points remove only (the split",
         "fold_split.md found best at p25's size, uncured, on held-out self-generated text); p25r6 and p25 share pairs.",
@@ -228,7 +252,7 @@ def write_report(points: list[dict]) -> None:
         lines.append(row(label, p["params"]["unique"], p["bytes"], p["folded"], dense, (p["cure"] or {}).get("seconds")))
     lines += ["", "Removed blocks and schedules:", ""]
     lines += [f"- {p['name']}: removed {p['removed_blocks']}, schedule {p['schedule']}; gates {p['gate_setting']}; "
-              f"cure {(p['cure'] or {}).get('steps')} steps, teacher cache {'on' if p['teacher_cache_mb'] else 'off'}"
+              f"cure {(p['cure'] or {}).get('steps')} steps on {p['heal_windows']} healing windows, teacher cache {'on' if p['teacher_cache_mb'] else 'off'}"
               for p in points]
     (RESULTS / "fold_quality.md").write_text("\n".join(lines) + "\n")
     plot(points)

@@ -25,12 +25,18 @@ from fold_quality import DEV, HEAL_SEQUENCES, RESULTS, dense_reference, eval_con
 TARGET_PPL, TARGET_ACC = 1.3, 0.97  # issue 3, at 25% of total parameters removed
 
 
+def base_name(point: str) -> str:
+    """The point without its budget: p25r10@5+1024 -> p25r10+1024."""
+    head, plus, windows = point.partition("+")
+    return head.partition("@")[0] + plus + windows
+
+
 def write_report(runs: list[dict], command: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "heal_curve.json").write_text(json.dumps(runs, indent=1, default=str))
     dense = runs[0]["dense"]
     lines = [
-        f"# Cure budget vs quality: {runs[0]['name'].partition('@')[0]} on SmolLM2-135M-Instruct",
+        f"# Cure budget vs quality: {base_name(runs[0]['name'])} on SmolLM2-135M-Instruct",
         "",
         f"Reproduce: `{command}`. One fold (same gates, removal, sharing), each budget its own cure",
         f"({len(os.sched_getaffinity(0))} CPU cores, teacher cache off). Target (issue 3): wikitext2 ppl <= {TARGET_PPL}x dense, accuracy >= {TARGET_ACC:.0%} of dense.",
@@ -66,14 +72,14 @@ def plot(runs: list[dict]) -> None:
         ax.set_xticks(minutes, [f"{m:g}" for m in minutes])
         ax.set_xlabel(f"cure budget (minutes, {len(os.sched_getaffinity(0))} CPU cores)")
         ax.legend(fontsize=8)
-    fig.suptitle(f"{runs[0]['name'].partition('@')[0]}: quality vs cure budget")
+    fig.suptitle(f"{base_name(runs[0]['name'])}: quality vs cure budget")
     fig.tight_layout()
     fig.savefig(RESULTS / "heal_curve.png", dpi=120)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--point", default="p25r10", help="a fold_quality.py point (NAME[:DISTILL])")
+    ap.add_argument("--point", default="p25r10", help="a fold_quality.py point (NAME[:DISTILL][+WINDOWS])")
     ap.add_argument("--minutes", default="5,10,20,40", help="cure budgets, comma-separated")
     ap.add_argument("--heal-minutes", type=float, default=20.0, help="fold_quality's budget: that budget is the base point itself")
     ap.add_argument("--limit", type=int, default=300, help="items per multiple-choice task (as fold_quality)")
@@ -89,7 +95,8 @@ def main() -> None:
         raise SystemExit(f"--minutes {args.minutes!r}: expected comma-separated numbers") from None
     if budgets[0] <= 0:
         raise SystemExit("--minutes: every budget must be positive")
-    points = [args.point if m == args.heal_minutes else f"{args.point}@{m:g}" for m in budgets]
+    head, plus, windows = args.point.partition("+")
+    points = [args.point if m == args.heal_minutes else f"{head}@{m:g}{plus}{windows}" for m in budgets]
     for p in points:
         parse_point(p)
     eval_cfg = eval_config(args.limit, args.ppl_tokens)

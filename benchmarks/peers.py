@@ -115,8 +115,7 @@ def foldgpt_points() -> list[dict]:
         if p["name"] in DEFAULT_POINTS:
             return "foldgpt"
         pairs = len(p["schedule"]) - p["unique_blocks"]
-        _, distill, minutes = parse_point(p["name"])
-        variant = ", ".join(([distill] if distill else []) + ([f"{minutes:g}-min cure"] if minutes else []))
+        variant = parse_point(p["name"]).variant()
         return f"foldgpt {len(p['removed_blocks'])} removed + {pairs} pairs" + (f" ({variant})" if variant else "")
 
     return [{"method": method(p),
