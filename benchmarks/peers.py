@@ -190,6 +190,7 @@ def write_report(rows: list[dict], command: str, decode: dict | None = None, mis
             seconds = (r["cure"] or {}).get("seconds") or r["training_s"]
             name = f"{label(r)}: -{r['params']['unique_reduction']:.0%} unique"
             lines.append(row(name, r["params"]["unique"], r["bytes"], r["folded"], dense, seconds, (speed_cell(r),)))
+    lines += standing(rows)
     if missing:
         lines += ["", f"Not run yet (so not in the table): {', '.join(missing)}."]
     lines += ["", "Removed source blocks (and each method's choice):", ""]
@@ -200,6 +201,36 @@ def write_report(rows: list[dict], command: str, decode: dict | None = None, mis
         lines.append(f"- {r['name']} {r['method']}: removed {r['removed_blocks']} {json.dumps(detail)}")
     (RESULTS / "peers.md").write_text("\n".join(lines) + "\n")
     plot(rows)
+
+
+def paired_difference(a: dict, b: dict) -> tuple[float, float]:
+    """acc_norm(a) - acc_norm(b) on the same items, and its paired standard error."""
+    if a["ids"] != b["ids"]:
+        raise SystemExit("two rows were scored on different items: rerun with the same --limit")
+    d = [int(x) - int(y) for x, y in zip(a["correct"], b["correct"])]
+    mean = sum(d) / len(d)
+    return mean, (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+
+
+def standing(rows: list[dict]) -> list[str]:
+    """Issue 7's question in words: at each size, which peers beat FoldGPT's default point,
+    on perplexity and on each task (paired over the same items; 'clear' beyond 2 SE)."""
+    lines = ["", "Where FoldGPT stands (its default point against every peer run at the same size; accuracy",
+             "differences are paired over the same items, +- one standard error, 'clear' when beyond two):", ""]
+    for point in POINTS:
+        fold = next((r for r in rows if r["name"] == point and r["method"] == "foldgpt"), None)
+        others = [r for r in rows if r["name"] == point and not r["method"].startswith("foldgpt")]
+        if fold is None or not others:
+            continue
+        ppl = {label(r): r["folded"]["perplexity"]["wikitext2"] for r in [fold, *others]}
+        better = [f"{r['method']} {ppl[label(r)]:.1f}" for r in others if ppl[label(r)] < ppl[label(fold)]]
+        parts = [f"wikitext2 ppl {ppl[label(fold)]:.1f}, " + (f"beaten (lower) by {', '.join(better)}" if better else "the lowest")]
+        for task, mine in fold["folded"]["tasks"].items():
+            diffs = [(r["method"], *paired_difference(r["folded"]["tasks"][task], mine)) for r in others]
+            ahead = [f"{m} +{d * 100:.1f} +- {se * 100:.1f} pts{' (clear)' if d > 2 * se else ''}" for m, d, se in diffs if d > 0]
+            parts.append(f"{task} {mine['acc_norm']:.3f}, " + (f"beaten by {', '.join(ahead)}" if ahead else "the highest"))
+        lines.append(f"- {point}: " + "; ".join(parts))
+    return lines
 
 
 def plot(rows: list[dict]) -> None:
