@@ -222,13 +222,11 @@ def test_method_output_exports_to_onnx_and_passes_the_gate(artifact, tmp_path):
     assert report["parity"]["details"]["tokens_identical"]
 
 
-def test_streamline_output_exports_to_executorch_and_passes_the_gate(tmp_path):
+def test_method_output_exports_to_executorch_and_passes_the_gate(artifact, tmp_path):
     from export.executorch import export_executorch
     from export.registry import ExportConfig
 
-    model, _ = run("streamline", tiny_model(layers=6), tokens(n=4, seq=16), span=3, train_steps=5)
-    path = save_folded(model, tmp_path / "model", tiny_tokenizer())
-    report = export_executorch(path, tmp_path / "model.pte", ExportConfig(max_context=128), measure=False)
+    report = export_executorch(artifact[1], tmp_path / "model.pte", ExportConfig(max_context=128), measure=False)
     assert report["parity"]["passed"], report["parity"]
 
 
