@@ -7,9 +7,9 @@ A point is NAME[:DISTILL][@MINUTES][+WINDOWS]: the cure's distillation target
 (compress.heal.Distill: hidden, logits, both, none; default the HealConfig default), its
 budget (default --heal-minutes) and its healing text in 256-token windows (default
 --heal-sequences). A DISTILL or MINUTES variant reuses the data and fold stages of its
-base point's work dir (same settings, so the same gates, removal and sharing) and runs
-only its own cure; a WINDOWS variant redoes them (the healing text is part of their
-key), from the same calibration text and seeds, so its gates choose as the base's did
+base point NAME[+WINDOWS] (same settings, so the same gates, removal and sharing) and
+runs only its own cure; NAME+WINDOWS itself redoes them (the healing text is part of
+their key), from the same calibration text and seeds, so its gates choose as NAME's did
 (its row lists the removed blocks to check).
 
 Writes benchmarks/results/fold_quality.{json,md} and two plots (accuracy vs size,
@@ -150,11 +150,12 @@ def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_s
     if (out / "eval.json").is_file():
         check_budget(out, heal.max_minutes)
     else:
-        base = WORK / f"{name}.work"
+        base_point = name + (f"+{windows}" if windows else "")  # same data and fold stages, other cure
+        base = Path(f"{point_dir(base_point)}.work")
         work = Path(f"{out}.work")
-        if (distill or minutes) and not windows and not work.exists():
-            if not json.loads((base / "fold.json").read_text() if (base / "fold.json").is_file() else '{}').get("done"):
-                raise SystemExit(f"{point} copies the fold of {name}, which has not run: run point {name} first")
+        if (distill or minutes) and not work.exists():
+            if not ((base / "fold.json").is_file() and json.loads((base / "fold.json").read_text())["done"]):
+                raise SystemExit(f"{point} copies the fold of {base_point}, which has not run: run point {base_point} first")
             work.mkdir(parents=True)
             for f in ("calib.pt", "heal.pt", "data.json", "fold.json", "fold_report.json"):
                 shutil.copy2(base / f, work / f)

@@ -224,11 +224,11 @@ def standing(rows: list[dict]) -> list[str]:
             continue
         ppl = {label(r): r["folded"]["perplexity"]["wikitext2"] for r in [fold, *others]}
         better = [f"{r['method']} {ppl[label(r)]:.1f}" for r in others if ppl[label(r)] < ppl[label(fold)]]
-        parts = [f"wikitext2 ppl {ppl[label(fold)]:.1f}, " + (f"beaten (lower) by {', '.join(better)}" if better else "the lowest")]
+        parts = [f"wikitext2 ppl {ppl[label(fold)]:.1f}, " + (f"beaten (lower) by {', '.join(better)}" if better else "no peer lower")]
         for task, mine in fold["folded"]["tasks"].items():
             diffs = [(r["method"], *paired_difference(r["folded"]["tasks"][task], mine)) for r in others]
             ahead = [f"{m} +{d * 100:.1f} +- {se * 100:.1f} pts{' (clear)' if d > 2 * se else ''}" for m, d, se in diffs if d > 0]
-            parts.append(f"{task} {mine['acc_norm']:.3f}, " + (f"beaten by {', '.join(ahead)}" if ahead else "the highest"))
+            parts.append(f"{task} {mine['acc_norm']:.3f}, " + (f"beaten by {', '.join(ahead)}" if ahead else "no peer higher"))
         lines.append(f"- {point}: " + "; ".join(parts))
     return lines
 
