@@ -12,7 +12,7 @@ runs only its own cure; NAME+WINDOWS itself redoes them (the healing text is par
 their key), from the same calibration text and seeds, so its gates choose as NAME's did
 (its row lists the removed blocks to check).
 
-Writes benchmarks/results/fold_quality.{json,md} and two plots (accuracy vs size,
+Writes benchmarks/results/NAME.{json,md} (--name, default fold_quality) and two plots (accuracy vs size,
 gate values per block). Each point is a `compress` run with its own work dir under
 benchmarks/work/ (not committed), so an interrupted benchmark resumes where it stopped.
 Evaluation uses the development sets in ../shared/data/dev (measurement only: nothing
@@ -48,13 +48,37 @@ POINTS = {
 }
 DEFAULT_POINTS = ("p15r6", "p25r10", "p36r14")
 HEAL_SEQUENCES = 256  # 256-token windows of self-generated healing text, every point and every method
+HELD_OUT_GEN_SEED = 1  # calibration and healing text use generation seed 0
+HELD_OUT_TOKENS = 8192
+
+
+def held_out_text(model, tokenizer, tokens: int = HELD_OUT_TOKENS) -> str:
+    """Self-generated text no run trains or calibrates on (another generation seed):
+    perplexity on the healing text's own distribution, beside WikiText's."""
+    from compress.data import DataConfig, load_texts
+
+    cfg = DataConfig(num_sequences=max(1, tokens // 256), seq_len=256, gen_seed=HELD_OUT_GEN_SEED)
+    return "\n\n".join(load_texts(cfg, model, tokenizer))
+
+
+def held_out_file(tokens: int = HELD_OUT_TOKENS) -> Path:
+    """held_out_text as a file for EvalConfig.ppl_files (the dense model loads only to make it)."""
+    file = WORK / f"self_held_out_{tokens}.txt"
+    if not file.is_file():
+        from compress.load import load_model
+
+        WORK.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        tmp.write_text(held_out_text(*load_model("default"), tokens))
+        tmp.replace(file)
+    return file
 
 
 def eval_config(limit: int | None, ppl_tokens: int):
     from compress.evaluate import EvalConfig
 
     return EvalConfig(
-        ppl_files={"wikitext2": str(DEV / "wikitext2_valid" / "wiki.valid.raw")},
+        ppl_files={"wikitext2": str(DEV / "wikitext2_valid" / "wiki.valid.raw"), "self_held_out": str(held_out_file())},
         ppl_max_tokens=ppl_tokens,
         tasks={
             "arc_challenge": str(DEV / "arc_challenge" / "ARC-Challenge-Test.jsonl"),
@@ -205,11 +229,13 @@ def run_settings(work: Path) -> dict:
 
 
 def row(label: str, unique: int, nbytes: int | None, m: dict, dense: dict | None, heal_s, extra: tuple[str, ...] = ()) -> str:
-    ppl = m["perplexity"]["wikitext2"]
     accs = {t: m["tasks"][t]["acc_norm"] for t in m["tasks"]}
     stab = {t: m["tasks"][t].get("stability") for t in m["tasks"]}
-    rel = "" if dense is None else f" ({ppl / dense['perplexity']['wikitext2']:.2f}x)"
-    cells = [label, f"{unique / 1e6:.1f}M", f"{nbytes / 2**20:.0f} MiB" if nbytes else "-", f"{ppl:.2f}{rel}"]
+    cells = [label, f"{unique / 1e6:.1f}M", f"{nbytes / 2**20:.0f} MiB" if nbytes else "-"]
+    for name in (dense or m)["perplexity"]:  # the dense row's texts are the columns
+        ppl = m["perplexity"].get(name)
+        rel = "" if dense is None or ppl is None else f" ({ppl / dense['perplexity'][name]:.2f}x)"
+        cells.append("-" if ppl is None else f"{ppl:.2f}{rel}")
     for t, a in accs.items():
         r = "" if dense is None else f" ({a / dense['tasks'][t]['acc_norm']:.0%})"
         cells.append(f"{a:.3f}{r}")
@@ -222,24 +248,26 @@ def row(label: str, unique: int, nbytes: int | None, m: dict, dense: dict | None
 def table_head(dense: dict, source_unique: int, last_column: str, extra: dict[str, str] | None = None) -> list[str]:
     """The metric table's header, legend and dense row (this benchmark's and peers.py's);
     `extra` maps further column names to the dense row's cell."""
-    tasks, extra = list(dense["tasks"]), extra or {}
+    tasks, texts, extra = list(dense["tasks"]), [f"{t} ppl" for t in dense["perplexity"]], extra or {}
     return [
         "acc_norm: length-normalised zero-shot accuracy, in brackets relative to dense; stability per task (LLM-Streamline).",
+        "self_held_out: self-generated text of another generation seed, the healing text's distribution but never trained on.",
         "",
-        "| model | unique params | bytes | wikitext2 ppl | " + " | ".join([*tasks, "stability", last_column, *extra]) + " |",
-        "|---" * (6 + len(tasks) + len(extra)) + "|",
+        "| model | unique params | bytes | " + " | ".join([*texts, *tasks, "stability", last_column, *extra]) + " |",
+        "|---" * (5 + len(texts) + len(tasks) + len(extra)) + "|",
         row("dense", source_unique, None, dense, None, None, tuple(extra.values())),
     ]
 
 
-def write_report(points: list[dict]) -> None:
+def write_report(points: list[dict], name: str = "fold_quality") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fold_quality.json").write_text(json.dumps(points, indent=1, default=str))
+    (RESULTS / f"{name}.json").write_text(json.dumps(points, indent=1, default=str))
     dense = points[0]["dense"]
+    named = "" if name == "fold_quality" else f" --name {name}"
     lines = [
         "# FoldGPT on SmolLM2-135M-Instruct: quality vs size",
         "",
-        f"Reproduce: `python benchmarks/fold_quality.py --points {','.join(p['name'] for p in points)}` "
+        f"Reproduce: `python benchmarks/fold_quality.py --points {','.join(p['name'] for p in points)}{named}` "
         "(dev sets from ../shared/data/dev; measurement only).",
         "Calibration and healing text: generated by the dense model itself. Same cure budget and healing text at every",
         "point unless its name says otherwise (NAME[:DISTILL][@MINUTES][+WINDOWS]: distill target, cure minutes, 256-token windows).",
@@ -255,11 +283,11 @@ def write_report(points: list[dict]) -> None:
     lines += [f"- {p['name']}: removed {p['removed_blocks']}, schedule {p['schedule']}; gates {p['gate_setting']}; "
               f"cure {(p['cure'] or {}).get('steps')} steps on {p['heal_windows']} healing windows, teacher cache {'on' if p['teacher_cache_mb'] else 'off'}"
               for p in points]
-    (RESULTS / "fold_quality.md").write_text("\n".join(lines) + "\n")
-    plot(points)
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    plot(points, name)
 
 
-def plot(points: list[dict]) -> None:
+def plot(points: list[dict], name: str = "fold_quality") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,7 +306,7 @@ def plot(points: list[dict]) -> None:
     ax.set_title("FoldGPT: accuracy vs size (rightmost: dense; open: other splits)", fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "fold_quality_accuracy.png", dpi=120)
+    fig.savefig(RESULTS / f"{name}_accuracy.png", dpi=120)
 
     fig, axes = plt.subplots(1, len(points), figsize=(4 * len(points), 3), sharey=True)
     for ax, p in zip(axes if len(points) > 1 else [axes], points):
@@ -290,7 +318,7 @@ def plot(points: list[dict]) -> None:
         ax.set_xlabel("source block")
     axes[0].set_ylabel("final gate value") if len(points) > 1 else None
     fig.tight_layout()
-    fig.savefig(RESULTS / "fold_quality_gates.png", dpi=120)
+    fig.savefig(RESULTS / f"{name}_gates.png", dpi=120)
 
 
 def main() -> None:
@@ -302,6 +330,7 @@ def main() -> None:
     ap.add_argument("--heal-sequences", type=int, default=HEAL_SEQUENCES, help="256-token windows of self-generated healing text")
     ap.add_argument("--teacher-cache-mb", type=float, default=0.0,
                     help="the cure's teacher cache (compress.heal.TeacherCache); 0 keeps cures comparable with peers.py's")
+    ap.add_argument("--name", default="fold_quality", help="results file stem: an experiment beside the main report")
     args = ap.parse_args()
     if not DEV.is_dir():
         raise SystemExit(f"{DEV} not found: this benchmark needs the development sets beside the repository")
@@ -315,8 +344,8 @@ def main() -> None:
         t = time.monotonic()
         points.append(run_point(name, args.heal_minutes, eval_cfg, reference, args.heal_sequences, args.teacher_cache_mb))
         print(f"{name}: done in {(time.monotonic() - t) / 60:.1f} min", flush=True)
-        write_report(points)
-    print((RESULTS / "fold_quality.md").read_text())
+        write_report(points, args.name)
+    print((RESULTS / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -25,16 +25,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fold_quality import POINTS, RESULTS, WORK, compress_config
-
-HELD_OUT_GEN_SEED = 1  # calibration and healing text use generation seed 0
-
-
-def held_out_text(model, tokenizer, tokens: int) -> str:
-    from compress.data import DataConfig, load_texts
-
-    cfg = DataConfig(num_sequences=max(1, tokens // 256), seq_len=256, gen_seed=HELD_OUT_GEN_SEED)
-    return "\n\n".join(load_texts(cfg, model, tokenizer))
+from fold_quality import POINTS, RESULTS, WORK, compress_config, held_out_text
 
 
 def measure(name: str, text: str, tokens: int) -> dict:

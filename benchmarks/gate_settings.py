@@ -24,8 +24,8 @@ import sys
 import time
 from dataclasses import fields
 
-from fold_quality import RESULTS
-from fold_split import held_out_text, measure_dir
+from fold_quality import RESULTS, held_out_text
+from fold_split import measure_dir
 
 
 def parse_setting(text: str) -> dict:
