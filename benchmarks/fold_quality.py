@@ -16,7 +16,9 @@ Writes benchmarks/results/NAME.{json,md} (--name, default fold_quality) and two 
 gate values per block). Each point is a `compress` run with its own work dir under
 benchmarks/work/ (not committed), so an interrupted benchmark resumes where it stopped.
 Evaluation uses the development sets in ../shared/data/dev (measurement only: nothing
-is trained or calibrated on them; calibration and healing text is the model's own).
+is trained or calibrated on them; calibration and healing text is the model's own), and
+perplexity on held-out self text (another generation seed): the healing text's own
+distribution, so a cure's reach can be told apart from the shift to WikiText.
 """
 
 from __future__ import annotations
