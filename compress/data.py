@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compress.outputs import exclusive, write_atomic
+
 SELF = "self"
 
 TOPICS = [
@@ -177,12 +179,19 @@ def self_generated(cfg: DataConfig, model: nn.Module, tokenizer) -> list[str]:
     sets drawn from one model share their documents instead of generating twice.
     A request returns the shortest prefix of the cache that covers it, so its
     sequences do not depend on how much other requests made the cache grow.
+    One process at a time reads and grows it (a lock): a second waits, then reads.
     """
     key = dict(model=_model_fingerprint(model), seed=cfg.gen_seed, max_new=cfg.gen_max_new_tokens,
                batch=cfg.gen_batch_size, temperature=cfg.gen_temperature, v=2)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cfg.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "foldgpt") / "self-text"
     file, meta_file = cache / f"{digest}.jsonl", cache / f"{digest}.json"
+    with exclusive(cache / f"{digest}.lock", str(file), wait=True):
+        return _grow_cache(cfg, model, tokenizer, file, meta_file, key)
+
+
+def _grow_cache(cfg: DataConfig, model: nn.Module, tokenizer, file: Path, meta_file: Path, key: dict) -> list[str]:
+    """The cached documents, grown by seeded generation until they cover the request."""
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() and file.is_file() else {"tokens": 0, "batches": 0}
     docs = [json.loads(line)["text"] for line in file.read_text().splitlines()][: meta.get("docs", 0)] if meta["batches"] else []
     target = int(cfg.num_tokens * 1.1)  # packing loses a partial window per document boundary
@@ -237,12 +246,8 @@ def _prefix(docs: list[str], counts: list[int], tokens: int) -> list[str]:
 
 def _write_cache(file: Path, meta_file: Path, docs: list[str], meta: dict) -> None:
     """Text first, then the meta that vouches for it; each replaced atomically."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((file, "".join(json.dumps({"text": d}) + "\n" for d in docs)),
-                       (meta_file, json.dumps({**meta, "docs": len(docs)}, indent=1))):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_atomic(file, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    write_atomic(meta_file, json.dumps({**meta, "docs": len(docs)}, indent=1))
 
 
 def _render(tokenizer, prompt: str) -> str:

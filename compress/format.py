@@ -9,7 +9,8 @@ A folded model is a directory:
 
 With the identity schedule the directory is also a plain transformers checkpoint.
 Saving is atomic: everything is written to a temporary sibling directory that is then
-renamed over the target, so an interrupted save leaves the previous artifact intact.
+swapped in for the target, so an interrupted save leaves the previous artifact intact; an
+existing target that is not a folded model is refused (compress.outputs).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from torch import nn
 
 from compress.adapter import get_adapter
 from compress.blocks import FOLD_FORMAT_VERSION, count_parameters, fold_info, schedule_of, share_blocks, validate_schedule
+# export/ reads compress only through this module: the output rules come with the format
+from compress.outputs import Kind, check_output, replace_path, sync_files  # noqa: F401
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -54,12 +57,15 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in state.items()}
 
 
-def save_folded(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, provenance: dict | None = None) -> Path:
+def save_folded(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, provenance: dict | None = None,
+                overwrite: bool = False) -> Path:
     """Write `model` (folded or dense) to `out_dir` atomically; returns the path.
 
     `provenance` is merged into `config.fold.provenance` (source, method, metrics...).
+    Raises FileExistsError / ValueError (`check_output`) for an `out_dir` that holds
+    something other than a folded model, unless `overwrite`.
     """
-    out = Path(out_dir).resolve()
+    out = check_output(out_dir, Kind.FOLDED, overwrite=overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     fold = _fold_section(model)
     if provenance:
@@ -77,36 +83,11 @@ def save_folded(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, pr
         save_file(_unique_state(model), tmp / WEIGHTS_NAME, metadata={"format": "pt", "foldgpt_format": str(FOLD_FORMAT_VERSION)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        replace_path(tmp, out)
+        replace_path(tmp, out, Kind.FOLDED, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def sync_files(path: Path) -> None:
-    """fsync a file, or every file under a directory: a rename after a crash must not point
-    at unwritten data, and clean pages are ones the kernel (and export.pages) can drop."""
-    path = Path(path)
-    for f in [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]:
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-
-
-def replace_path(stage: Path, out: Path) -> None:
-    """Put `stage` (a finished file or directory) at `out`, replacing what was there.
-
-    Both live in one directory, so each rename is atomic; between the two renames
-    the old artifact sits at a hidden sibling, never half-overwritten.
-    """
-    sync_files(stage)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(stage, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
 def read_fold_section(path: str | os.PathLike) -> dict | None:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from compress.adapter import get_adapter
 from compress.blocks import schedule_of, share_blocks
+from compress.outputs import Kind, replace_path
 
 
 class Distill(str, Enum):
@@ -283,12 +284,8 @@ def _save_checkpoint(accelerator, ckpt: Path, state: HealState) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     # torch.save keeps shared storages shared; safetensors would refuse the tied weights
     accelerator.save_state(str(tmp), safe_serialization=False)
-    (tmp / "progress.json").write_text(json.dumps(asdict(state)))
-    old = ckpt.with_name(ckpt.name + ".old")
-    if ckpt.exists():
-        os.replace(ckpt, old)
-    os.replace(tmp, ckpt)
-    shutil.rmtree(old, ignore_errors=True)
+    (tmp / "progress.json").write_text(json.dumps(asdict(state)))  # last: a checkpoint without it is unfinished
+    replace_path(tmp, ckpt, Kind.CHECKPOINT)  # one swap: a kill leaves the old checkpoint or the new one
 
 
 def _param_groups(model: nn.Module, cfg: HealConfig, lora: list[nn.Module]) -> list[dict]:

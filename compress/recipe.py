@@ -32,6 +32,7 @@ from compress.heal import HealConfig, heal
 from compress.importance import GateConfig
 from compress.load import load_depth, load_model
 from compress.methods import get_method, heal_config
+from compress.outputs import Kind, check_output, exclusive, mark
 
 METHOD_DEFAULT = "method default"
 
@@ -51,12 +52,9 @@ class CompressConfig:
     eval_reference: dict | None = None  # the dense model's evaluate() result, if already measured
     work_dir: str | None = None  # default: OUT + ".work"
     resume: bool = False
+    overwrite: bool = False  # replace an OUT this tool did not write (never the source model)
 
     def __post_init__(self):
-        out = Path(self.out).resolve()
-        src = Path(self.model).resolve()
-        if src.exists() and (out == src or src in out.parents):
-            raise ValueError(f"output {out} is inside the source model {src}")
         method = get_method(self.method)
         if method.configured_by_fold and self.peer is not None:
             raise ValueError(f"method {self.method} is configured by fold, not peer")
@@ -119,12 +117,19 @@ def _save_tensor(t: torch.Tensor, path: Path) -> None:
 
 def compress(cfg: CompressConfig) -> Path:
     """Run the recipe; returns the output directory. Raises ValueError/FileNotFoundError
-    for bad settings before any heavy work: the depth is read without the weights."""
+    for bad settings before any heavy work: the depth is read without the weights;
+    FileExistsError for an OUT this tool did not write (compress.outputs)."""
     work = cfg.work
+    check_output(cfg.out, Kind.FOLDED, inputs=(cfg.model,), overwrite=cfg.overwrite)
+    check_output(work, Kind.WORK, inputs=(cfg.model,))
     if work.exists() and not cfg.resume and any(work.iterdir()):
         raise ValueError(f"{work} exists from an earlier run; pass --resume to continue it, or choose another --out")
     method_cfg = cfg.method_config(load_depth(cfg.model))
-    work.mkdir(parents=True, exist_ok=True)
+    with exclusive(mark(work, Kind.WORK) / ".lock", str(work)):  # a second run on this work dir is refused
+        return _run_stages(cfg, work, method_cfg)
+
+
+def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
     dense, tokenizer = load_model(cfg.model, cfg.dtype)
     timings: dict[str, float] = {}
 
@@ -192,7 +197,7 @@ def compress(cfg: CompressConfig) -> Path:
     })
     if metrics is not None:
         provenance["metrics"] = summary_metrics(metrics)
-    out = save_folded(student, cfg.out, tokenizer, provenance=provenance)
+    out = save_folded(student, cfg.out, tokenizer, provenance=provenance, overwrite=cfg.overwrite)
     if heal_state is not None:
         _write_json(out / "cure_log.json", heal_state.losses)
     if metrics is not None:

@@ -46,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from compress.format import sync_files
+from compress.format import Kind, check_output, sync_files
 from export.executorch_runtime import INSTALL_HINT, TOKENIZER_FILE, PteLM, data_file, resident_memory, runtime
 from export.quantize import layer_bits, quantize_shared, unique_weight_bytes
 from export.parity import GateFailed, record_gate
@@ -70,9 +70,9 @@ def export_executorch(model_dir, out, cfg: ExportConfig | None = None, measure: 
     """Export the folded (or dense) model at `model_dir` to the .pte file `out`; returns the report."""
     cfg = cfg or ExportConfig()
     model_dir, out = Path(model_dir), Path(out)
-    check_paths(model_dir, out)
     if out.suffix != ".pte":
         raise ValueError(f"{out}: the executorch backend writes a .pte file; name OUT like model.pte")
+    out = check_paths(model_dir, out, Kind.PTE, cfg.overwrite)
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"the executorch backend exports {', '.join(p.value for p in PRECISIONS)} "
                          f"(int8 = 8da8w), not {cfg.precision.value}")
@@ -115,7 +115,7 @@ def export_executorch(model_dir, out, cfg: ExportConfig | None = None, measure: 
             sync_files(stage)  # pages still waiting for writeback cannot be released (export.pages)
             report["resident"] = measure_resident(files["pte"], report["unique_weight_bytes"])
             report["seconds"]["measure"] = round(time.perf_counter() - clock, 1)
-        report["files"] = {k: str(v) for k, v in commit(stage, out).items()}
+        report["files"] = {k: str(v) for k, v in commit(stage, out, cfg.overwrite).items()}
     except BaseException as e:
         if not isinstance(e, GateFailed):  # a rejected export is left for inspection; the error says where
             shutil.rmtree(stage, ignore_errors=True)
@@ -420,8 +420,10 @@ def measure_resident(pte: Path, unique: int) -> dict:
 # ----------------------------------------------------------------------------- 8. commit
 
 
-def commit(stage: Path, out: Path) -> dict[str, Path]:
-    """Move the staged files beside OUT (the .pte last); a stale OUT.ptd goes if the new export has none."""
+def commit(stage: Path, out: Path, overwrite: bool = False) -> dict[str, Path]:
+    """Move the staged files beside OUT (the .pte last); a stale OUT.ptd goes if the new export has none.
+    Each move is one rename; what is at OUT is checked again first (`check_output`)."""
+    check_output(out, Kind.PTE, overwrite=overwrite)
     moved = {}
     names = {"ptd": out.with_suffix(".ptd"), "tokenizer": out.parent / TOKENIZER_FILE, "pte": out}
     staged = {"ptd": stage / f"{out.stem}.ptd", "tokenizer": stage / TOKENIZER_FILE, "pte": stage / out.name}

@@ -68,7 +68,9 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
     """Export the folded (or dense) model at `model_dir` to the directory `out`; returns the report."""
     cfg = cfg or ExportConfig()
     model_dir, out = Path(model_dir), Path(out)
-    check_paths(model_dir, out)
+    from compress.format import Kind  # here: the runtime half (OnnxLM) must not import torch
+
+    out = check_paths(model_dir, out, Kind.ONNX, cfg.overwrite)
     if cfg.precision not in (Precision.FP32, Precision.INT8, Precision.INT4):
         raise ValueError(f"the onnx backend exports fp32, int8 or int4, not {cfg.precision.value}")
     bits = {Precision.INT8: 8, Precision.INT4: 4}.get(cfg.precision)
@@ -107,7 +109,7 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
             sync_files(stage)  # pages still waiting for writeback cannot be released (export.pages)
             report.update(measure_sizes(path, report["unique_weight_bytes"]))
             report["seconds"]["measure"] = round(time.perf_counter() - clock, 1)
-        commit(stage, out)
+        commit(stage, out, cfg.overwrite)
     except BaseException as e:
         if not isinstance(e, GateFailed):  # a rejected export is left for inspection; the error says where
             shutil.rmtree(stage, ignore_errors=True)
@@ -463,11 +465,11 @@ def _rss_probe(path: str, prepack: bool, release_pages: bool) -> None:
 # ----------------------------------------------------------------------------- 7. commit
 
 
-def commit(stage: Path, out: Path) -> None:
-    """Replace `out` with `stage` (same filesystem, so each rename is atomic)."""
-    from compress.format import replace_path
+def commit(stage: Path, out: Path, overwrite: bool = False) -> None:
+    """Replace `out` with `stage` (same filesystem, so the swap is atomic)."""
+    from compress.format import Kind, replace_path
 
-    replace_path(stage, out)
+    replace_path(stage, out, Kind.ONNX, overwrite)
 
 
 BACKEND = register_backend("onnx", export=export_onnx, generate=generate)

@@ -33,6 +33,7 @@ class ExportConfig:
     group_size: int = 32  # int4 block / group size
     parity: bool = True  # run the parity gate before anything is written to `out`
     num_threads: int | None = None
+    overwrite: bool = False  # replace an existing `out` this tool did not write (never the model itself)
 
     def __post_init__(self):
         try:
@@ -85,13 +86,14 @@ def get_backend(name: str):
     return _BACKENDS[name]
 
 
-def check_paths(model_dir: Path, out: Path) -> None:
-    """Reject, before any work, an output that would land inside the model it reads."""
-    model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
-    if not model_dir.exists():
-        raise FileNotFoundError(f"{model_dir}: no such model")
-    if out == model_dir or model_dir in out.parents:
-        raise ValueError(f"output {out} is inside the model directory {model_dir}; choose a path outside it")
+def check_paths(model_dir: Path, out: Path, kind, overwrite: bool = False) -> Path:
+    """Reject, before any work, a missing model and an output that would destroy the model
+    or anything this tool did not write (`compress.outputs.check_output`); returns the path to write."""
+    from compress.format import check_output  # here: importing the registry stays free of torch
+
+    if not Path(model_dir).exists():
+        raise FileNotFoundError(f"{Path(model_dir).resolve()}: no such model")
+    return check_output(out, kind, inputs=(model_dir,), overwrite=overwrite)
 
 
 def load_model(model_dir: Path):

@@ -1,7 +1,9 @@
 """`foldgpt` command line: each subcommand parses into a config and calls one function.
 
-Errors a user can fix (ValueError, FileNotFoundError) become one line on stderr and
-exit code 2; anything else is a bug and keeps its traceback.
+Errors a user can fix (ValueError, FileNotFoundError, FileExistsError) become one line on
+stderr and exit code 2; anything else is a bug and keeps its traceback. A command that
+writes refuses, before any work, to replace what this tool did not write, unless
+--overwrite (compress.outputs).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     exports = parse_exports(args.exports) if args.exports else DEFAULT_EXPORTS
     run(RunConfig(model=args.model, dtype=args.dtype, out=args.out, heal_minutes=args.heal_minutes,
-                  bench=not args.no_bench, profile=args.profile, exports=exports))
+                  bench=not args.no_bench, profile=args.profile, exports=exports, overwrite=args.overwrite))
     return 0
 
 
@@ -72,7 +74,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     peer = method_config(args.method, num_remove=args.num_remove, span=args.span, replacement=args.replacement,
                          placement=args.placement, train_steps=args.train_steps, train_minutes=args.train_minutes)
     cfg = CompressConfig(
-        out=args.out, model=args.model, dtype=args.dtype, resume=args.resume, work_dir=args.work_dir,
+        out=args.out, model=args.model, dtype=args.dtype, resume=args.resume, work_dir=args.work_dir, overwrite=args.overwrite,
         method=args.method, peer=peer,
         calib=DataConfig(source=args.data, seq_len=args.seq_len, num_sequences=args.calib_sequences, seed=args.seed),
         heal_data=DataConfig(source=args.data, seq_len=args.seq_len, num_sequences=args.heal_sequences, seed=args.seed + 1),
@@ -93,11 +95,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from compress.evaluate import evaluate
+    from compress.format import weight_files
     from compress.load import load_model
+    from compress.outputs import Kind, check_output, write_atomic
 
     cfg = _eval_config(args)
     if cfg is None:
         raise ValueError("nothing to evaluate: give --text FILE and/or --task NAME=FILE")
+    source = Path(args.model_dir)
+    out = Path(args.out) if args.out else (source / "eval.json" if source.is_dir() else Path("eval.json"))
+    reads = [*weight_files(source), source / "config.json", *cfg.ppl_files.values(), *cfg.tasks.values()]
+    out = check_output(out, Kind.EVAL, inputs=reads, overwrite=args.overwrite)
     model, tok = load_model(args.model_dir)
     reference = None
     if args.reference:
@@ -106,8 +114,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         del ref_model
     metrics = evaluate(model, tok, cfg, reference=reference)
     result = {"model": str(args.model_dir), "metrics": metrics, "reference": reference}
-    out = Path(args.out) if args.out else (Path(args.model_dir) / "eval.json" if Path(args.model_dir).is_dir() else Path("eval.json"))
-    out.write_text(json.dumps(result, indent=1, default=str))
+    write_atomic(out, json.dumps(result, indent=1, default=str))
     from compress.recipe import summary_metrics
 
     print(json.dumps(summary_metrics(metrics), indent=2))
@@ -116,12 +123,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from export.registry import ExportConfig, check_paths, get_backend
+    from export.registry import ExportConfig, get_backend
 
     backend = get_backend(args.backend)
     cfg = ExportConfig(precision=args.precision, max_context=args.max_context, embedding_bits=args.embedding_bits,
-                       parity=not args.no_parity)
-    check_paths(args.model_dir, args.out)
+                       parity=not args.no_parity, overwrite=args.overwrite)
     report = backend.export(args.model_dir, args.out, cfg)
     print(json.dumps(report, indent=2, default=str))
     return 0
@@ -151,10 +157,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       profile=args.profile, cores=args.cores, torch_eager=not args.no_torch,
                       prompt_lengths=tuple(int(n) for n in args.prompt_lengths.split(",")),
                       decode_tokens=args.decode_tokens, warmup=args.warmup, repeats=args.repeats,
-                      rounds=args.rounds, memory_cap=not args.no_memory_cap)
+                      rounds=args.rounds, memory_cap=not args.no_memory_cap, overwrite=args.overwrite)
     result = bench(cfg)
     print(f"report written to {result['files']['markdown']}")
     return 0
+
+
+def _overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output this tool did not write (never one that is, holds or lies in an input)")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -212,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--work-dir", default=None, help="stage artifacts and checkpoints (default: OUT.work)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its work dir")
+    _overwrite_arg(p)
     _eval_args(p)
     p.set_defaults(func=cmd_compress)
 
@@ -219,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="folded or dense model directory, .gguf, or 'default'")
     p.add_argument("--reference", default=None, help="dense model for stability (e.g. 'default')")
     p.add_argument("--out", default=None, help="metrics JSON (default: MODEL_DIR/eval.json)")
+    _overwrite_arg(p)
     _eval_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -230,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=512, help="KV-cache length for static-cache backends")
     p.add_argument("--embedding-bits", type=int, default=None, help="executorch: quantize the tied embedding and head to 8 bits (one tensor; 4 is refused: stored twice)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity gate (not recommended)")
+    _overwrite_arg(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="stream tokens from an exported model with its KV cache")
@@ -258,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="timed decode rounds (compared runs side by side, alternating)")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch eager on the model directories")
     p.add_argument("--no-memory-cap", action="store_true", help="do not cap address space at the profile's app budget")
+    _overwrite_arg(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("run", help="the main job on a model (default: the embedded SmolLM2-135M)")
@@ -269,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exports", default=None,
                    help="BACKEND:PRECISION list (default: onnx:fp32,executorch:8da4w+emb8), e.g. onnx:int4,executorch:fp32")
     p.add_argument("--no-bench", action="store_true", help="stop after the exports")
+    _overwrite_arg(p)
     p.set_defaults(func=cmd_run)
     return parser
 
@@ -278,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"foldgpt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,7 +10,8 @@
 
 A finished stage is not redone: each leaves its artifact, and a rerun of the same
 command picks up from the first missing one. An export that fails is recorded and the
-report is still written without it.
+report is still written without it. OUT must be new, empty or a run folder of ours
+(`compress.outputs`; `overwrite` lifts that).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from compress.format import WEIGHTS_NAME, format_summary, summarize
 from compress.load import DEFAULT_MODEL, save_dense
+from compress.outputs import Kind, check_output, mark, write_atomic
 
 # (backend, precision) pairs exported for each model, chosen to fit the 30-minute budget:
 # ONNX fp32, which the parity gate pins exactly, and ExecuTorch 8da4w with the tied
@@ -67,6 +69,7 @@ class RunConfig:
     seq_len: int = 256
     gate_steps: int | None = None  # None: compress.importance.GateConfig's default
     calib_sequences: int = 32
+    overwrite: bool = False  # write into an existing OUT this tool did not make (never one holding the model)
 
 
 def _stage(name: str, text: str) -> float:
@@ -83,8 +86,7 @@ def run(cfg: RunConfig) -> dict:
     from compress.methods import given
     from compress.recipe import CompressConfig, compress
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = mark(check_output(cfg.out, Kind.RUN, inputs=(cfg.model,), overwrite=cfg.overwrite), Kind.RUN)
     fold_cfg = FoldConfig(removal_rate=cfg.removal_rate, group_size=None if cfg.unique_blocks else 2,
                           num_unique_blocks=cfg.unique_blocks, gate=GateConfig(num_remove=0, **given(steps=cfg.gate_steps)))
     heal_cfg = HealConfig(max_minutes=cfg.heal_minutes)  # validates the budget before any work
@@ -131,7 +133,7 @@ def run(cfg: RunConfig) -> dict:
 
     summary = {"config": asdict(cfg), "timings_s": {k: round(v, 1) for k, v in timings.items()}, "exports": exports,
                "report": str(out / "bench" / "report.md") if bench_result else None}
-    (out / "run.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_atomic(out / "run.json", json.dumps(summary, indent=1, default=str))
     print(f"\nfoldgpt run: done in {sum(timings.values()) / 60:.1f} min; summary in {out / 'run.json'}"
           + (f", report in {summary['report']}" if summary["report"] else ""))
     return summary

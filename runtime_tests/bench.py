@@ -7,7 +7,8 @@
 
 Stages:
   1. setup     profile (unknown name -> ValueError listing the known ones), cores (more
-               than the machine has -> ValueError), before any measurement
+               than the machine has -> ValueError), `out` (new, empty or a bench folder
+               of ours, unless `overwrite`: compress.outputs), before any measurement
   2. bandwidth STREAM triad on the pinned cores: this machine's measured bandwidth
   3. measure   per model x runtime, each in a fresh pinned, memory-capped process:
                memory (RSS after load, peak), then TTFT; a missing artifact, an error
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compress.outputs import Kind, check_output, mark
 from runtime_tests.emulate import Isolation, project_decode, run_isolated, shape_of
 from runtime_tests.latency import DECODE_TOKENS, PRELOAD, PROMPT_LENGTHS, RUNNERS, decode_summary, round_ratio
 from runtime_tests.memory import artifact_bytes, weight_bytes, weights_check
@@ -61,6 +63,7 @@ class BenchConfig:
     repeats: int = 5                                         # TTFT repeats per prompt length
     rounds: int = 5                                          # decode rounds per compared group
     memory_cap: bool = True                                  # RLIMIT_AS at the profile's app budget
+    overwrite: bool = False                                  # write into an OUT this tool did not make
     budget_mb: float | None = None                           # override the profile's budget (tests)
 
     def __post_init__(self):
@@ -86,8 +89,8 @@ def bench(cfg: BenchConfig) -> dict:
     cores = check_cores(cfg.cores or profile.performance_cores)
     budget = (cfg.budget_mb or profile.app_ram_budget_mb) if cfg.memory_cap else None
     iso = Isolation(cores=cores, budget_mb=budget)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    reads = [*cfg.models.values(), *(p for specs in cfg.artifacts.values() for p in specs.values())]
+    out = mark(check_output(cfg.out, Kind.BENCH, inputs=reads, overwrite=cfg.overwrite), Kind.BENCH)
     result = {"config": asdict(cfg), "profile": profile.to_dict(), "cores": cores, "budget_mb": budget,
               "emulation": {"pinned_cores": cores, "threads": len(cores),
                             "profile_cores": profile.performance_cores,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from compress.outputs import write_atomic
+
 MB = 1 << 20
 
 
@@ -21,8 +23,8 @@ def write_report(result: dict, out) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": str(out / "bench.json"), "markdown": str(out / "report.md")}
     files.update(plots(result, out))
-    (out / "report.md").write_text(markdown(result, files))
-    (out / "bench.json").write_text(json.dumps({**result, "files": files}, indent=1, default=str) + "\n")
+    write_atomic(out / "report.md", markdown(result, files))
+    write_atomic(out / "bench.json", json.dumps({**result, "files": files}, indent=1, default=str) + "\n")
     return files
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +86,51 @@ def reference_greedy(model, ids: list[int], max_new_tokens: int, eos_id: int | N
         out.append(t)
         logits = step([t])
     return out
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_HOOK = """
+import importlib, sys, time
+_mod, _, _name = {hook!r}.partition(":")
+_m = importlib.import_module(_mod)
+_real, _calls = getattr(_m, _name), [0]
+
+def _hooked(*a, **k):
+    _calls[0] += 1
+    if _calls[0] < {call}:
+        return _real(*a, **k)
+    if {after}:
+        _real(*a, **k)
+    open({ready!r}, "w").close()
+    time.sleep(3600)
+
+setattr(_m, _name, _hooked)
+"""
+
+
+def kill_mid_write(code: str, hook: str, ready, call: int = 1, after: bool = False, timeout: float = 300) -> None:
+    """Run `code` in a child Python whose `hook` ("module:function") blocks at its `call`-th call
+    (after running it when `after`), and SIGKILL the child there: a crash at that point of a write.
+    `ready` is a path the child creates when it blocks."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ready = str(ready)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    child = subprocess.Popen([sys.executable, "-c", _HOOK.format(hook=hook, call=call, after=after, ready=ready) + code],
+                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not os.path.exists(ready):
+            if child.poll() is not None:
+                pytest.fail(f"the child ended (code {child.returncode}) before {hook} call {call}:\n{child.stderr.read()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the child did not reach {hook} call {call} in {timeout} s")
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stderr.close()

@@ -274,7 +274,7 @@ def test_bad_config_is_one_error_before_any_work(folded, tmp_path):
         export_executorch(folded[0], out, ExportConfig.from_spec("8da4w+emb4"))
     with pytest.raises(ValueError, match=r"max_context 40 is below the parity gate's longest prompt"):
         export_executorch(folded[0], out, ExportConfig(max_context=40))
-    with pytest.raises(ValueError, match="inside the model directory"):
+    with pytest.raises(ValueError, match="lies inside the input"):
         export_executorch(folded[0], folded[0] / "model.pte", ExportConfig())
     assert list(tmp_path.iterdir()) == []
 
@@ -292,6 +292,26 @@ def test_generate_bad_input(fp32, tmp_path):
     junk.write_bytes(b"not a program")
     with pytest.raises(ValueError, match="cannot load the program"):
         backend.generate(junk, "hello", 4)
+
+
+def test_killed_mid_write_keeps_the_previous_export(fp32, folded, tmp_path):
+    """kill -9 just before the staged files move beside OUT: the previous export is whole,
+    and the rerun completes."""
+    import shutil
+
+    from tests.conftest import kill_mid_write
+
+    (tmp_path / "et").mkdir()
+    out = shutil.copy(fp32[0], tmp_path / "et" / "model.pte")
+    shutil.copy(fp32[0].parent / "tokenizer.json", tmp_path / "et")
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    cfg = f"ExportConfig(parity=False, max_context={CONTEXT})"
+    kill_mid_write("from export.executorch import export_executorch\nfrom export.registry import ExportConfig\n"
+                   f"export_executorch({str(folded[0])!r}, {str(out)!r}, {cfg}, measure=False)",
+                   "export.executorch:sync_files", tmp_path / "ready")
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir() if not p.name.startswith(".")} == before
+    export_executorch(folded[0], out, ExportConfig(parity=False, max_context=CONTEXT), measure=False)
+    assert PteLM(out).steps()([1, 2, 3]).shape[-1] == 99
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):

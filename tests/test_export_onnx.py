@@ -367,7 +367,7 @@ def test_not_a_model_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_out_inside_model_dir_is_rejected(folded):
-    with pytest.raises(ValueError, match="inside the model directory"):
+    with pytest.raises(ValueError, match="lies inside the input"):
         export_onnx(folded[0], folded[0] / "onnx", ExportConfig())
     assert not (folded[0] / "onnx").exists()
 
@@ -404,6 +404,23 @@ def test_unsupported_op_is_one_line_and_writes_nothing(folded, tmp_path, monkeyp
     with pytest.raises(ValueError, match="cannot export llama to ONNX") as err:
         export_onnx(folded[0], tmp_path / "out", ExportConfig(), measure=False)
     assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
+
+
+def test_killed_mid_write_keeps_the_previous_export(fp32, folded, tmp_path):
+    """kill -9 with the new export staged: the previous one is whole, and the rerun completes."""
+    import shutil
+
+    from tests.conftest import kill_mid_write
+
+    out = shutil.copytree(fp32[0], tmp_path / "onnx")
+    files = lambda: {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    kill_mid_write("from export.onnx import export_onnx\nfrom export.registry import ExportConfig\n"
+                   f"export_onnx({str(folded[0])!r}, {str(out)!r}, ExportConfig(parity=False), measure=False)",
+                   "compress.outputs:sync_files", tmp_path / "ready")
+    assert files() == before
+    export_onnx(folded[0], out, ExportConfig(parity=False), measure=False)
+    assert OnnxLM(out / "model.onnx").step([1, 2, 3]).shape[-1] == 99
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
