@@ -177,7 +177,7 @@ def export_all(models: dict[str, Path], cfg: RunConfig, root: Path) -> dict[str,
                                                      measure=False)
                 report_file.write_text(json.dumps(report, indent=1, default=str))
                 row["status"] = "ok"
-            except (ValueError, FileNotFoundError, RuntimeError) as e:
+            except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
                 row.update(status="failed", error=str(e).splitlines()[0][:300])
                 print(f"   failed: {row['error']}", flush=True)
             rows.append(row)
