@@ -23,6 +23,7 @@ class ArchAdapter:
     final_norm: str = "model.norm"
     embed: str = "model.embed_tokens"
     lm_head: str = "lm_head"
+    mlp_out: str | None = "mlp.down_proj"  # in a block; None where a norm follows the MLP (cut repair cannot fold there)
 
     def get_base(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.base)
@@ -67,8 +68,8 @@ def _is_norm(module: nn.Module) -> bool:
 # Every family here lays out its *ForCausalLM the Llama way; the table exists so a
 # family that does not (e.g. GPT-2's `transformer.h`) is added as data, not branches.
 ADAPTERS: dict[str, ArchAdapter] = {
-    t: ArchAdapter(t) for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
-}
+    t: ArchAdapter(t) for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+} | {t: ArchAdapter(t, mlp_out=None) for t in ("gemma2", "gemma3_text")}  # post_feedforward_layernorm
 
 
 def get_adapter(model_or_config: PreTrainedModel | PretrainedConfig) -> ArchAdapter:

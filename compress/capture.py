@@ -84,3 +84,47 @@ def batches(data: torch.Tensor, batch_size: int, max_sequences: int | None = Non
         raise ValueError(f"calibration data must be a non-empty (n, seq) token tensor, got shape {tuple(data.shape)}")
     n = len(data) if max_sequences is None else min(len(data), max_sequences)
     return [data[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+class Replay:
+    """The input of every depth (hidden state and the layer's own keyword arguments: mask,
+    rotary embeddings) captured once per batch, so the model's tail can be rerun from any
+    depth: a measurement that changes depth d onward costs the depths from d on, the final
+    norm and the head, about half a forward on average instead of a whole one."""
+
+    def __init__(self, model: nn.Module, data: list[torch.Tensor]):
+        self.model, self.adapter = model, get_adapter(model)
+        self.layers = self.adapter.get_layers(model)
+        self.inputs: list[list[tuple[tuple, dict]]] = []  # batch -> depth -> (args, kwargs)
+        self.logits: list[torch.Tensor] = []  # batch -> the full model's logits
+        for batch in data:
+            seen: list[tuple[tuple, dict]] = []
+            hooks = [layer.register_forward_pre_hook(lambda _m, a, k: seen.append((a, dict(k))), with_kwargs=True)
+                     for layer in self.layers]
+            try:
+                with torch.no_grad():
+                    self.logits.append(model(batch, use_cache=False).logits)
+            finally:
+                for h in hooks:
+                    h.remove()
+            self.inputs.append(seen)
+
+    def hidden(self, batch: int, depth: int) -> torch.Tensor:
+        args, kwargs = self.inputs[batch][depth]
+        return args[0] if args else kwargs["hidden_states"]
+
+    @torch.no_grad()
+    def tail_logits(self, batch: int, start: int, hidden: torch.Tensor | None = None, skip: int | None = None) -> torch.Tensor:
+        """Logits of depths start..n-1 (leaving out depth `skip`) run on `hidden`, by default
+        the state captured entering depth `start`."""
+        h = self.hidden(batch, start) if hidden is None else hidden
+        for depth in range(start, len(self.layers)):
+            if depth == skip:
+                continue
+            a, k = self.inputs[batch][depth]
+            k = {key: v for key, v in k.items() if key != "hidden_states"}
+            out = self.layers[depth](h, *a[1:], **k)
+            h = out[0] if isinstance(out, tuple) else out
+        logits = self.adapter.get_lm_head(self.model)(self.adapter.get_final_norm(self.model)(h))
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / softcap) * softcap if softcap else logits

@@ -1,5 +1,6 @@
-"""FoldGPT steps 2-3: remove the blocks the gates closed, then let groups of adjacent
-retained blocks share one set of large weights.
+"""FoldGPT steps 2-3: remove the blocks chosen by measurement (compress.select: the
+gates' set among other candidates), repair each cut in closed form (compress.repair),
+then let groups of adjacent retained blocks share one set of large weights.
 
 Which weights a group shares is chosen by a measured criterion: for every candidate
 (each member's own weights, and their mean) we install it in the whole group, keeping
@@ -20,7 +21,8 @@ RegMean weights each member by the directions its inputs actually use.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import copy
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,10 @@ from tqdm.auto import tqdm
 
 from compress.adapter import get_adapter
 from compress.blocks import count_parameters, fold_info, remove_blocks, share_blocks
-from compress.importance import GateConfig, GateResult, learn_gates
+from compress.capture import Replay
+from compress.importance import GateConfig, GateResult
+from compress.repair import RepairConfig, repair_cuts
+from compress.select import SelectConfig, choose_removal
 from compress.methods import DEFAULT_HEAL_MINUTES, register_method
 
 MEAN = "mean"
@@ -47,6 +52,8 @@ class FoldConfig:
     score_batches: int = 2  # calibration batches per candidate score
     score_batch_size: int = 4
     gate: GateConfig | None = None  # defaults derived from removal_rate
+    select: SelectConfig = field(default_factory=SelectConfig)  # which removal: candidates scored on held-back windows
+    repair: RepairConfig | None = field(default_factory=RepairConfig)  # closed-form map at each cut; None: off
 
     def __post_init__(self):
         if not 0 <= self.removal_rate < 1:
@@ -89,19 +96,30 @@ class FoldReport:
     sources: dict[int, str]  # block -> "depth d", "mean" or "regmean", after removal numbering
     share_scores: dict[str, float] = field(default_factory=dict)  # "depths:candidate" -> KL
     params: dict = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)  # winner and every removal candidate with its held-back KL
+    repair: dict | None = None  # compress.repair.RepairReport, when cuts were repaired
 
 
 def fold(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> tuple[nn.Module, FoldReport]:
-    """Remove gated-off blocks and share the rest in groups; edits `model` in place."""
+    """Remove the chosen blocks, repair the cuts, share the rest in groups; edits `model` in place."""
     layers = get_adapter(model).get_layers(model)
     cfg.check(len(layers))
     before = count_parameters(model)
     n_remove = cfg.num_remove(len(layers))
-    gates = None
+    fit = cfg.select.split(calib)[0]
+    if n_remove and cfg.repair is not None:
+        cfg.repair.check(fit, model.config.hidden_size)  # before any heavy work
+    gates, selection, repaired = None, {}, None
     if n_remove:
-        gate_cfg = replace(cfg.gate, num_remove=n_remove) if cfg.gate else GateConfig(num_remove=n_remove)
-        gates = learn_gates(model, calib, gate_cfg)
-        remove_blocks(model, gates.closed)
+        chosen = choose_removal(model, calib, n_remove, cfg.select, cfg.gate, cfg.repair)
+        gates, selection = chosen.gates, {"winner": chosen.winner, "candidates": chosen.table}
+        reference = copy.deepcopy(model) if cfg.repair is not None else None
+        remove_blocks(model, chosen.removed)
+        if reference is not None:
+            repaired = asdict(repair_cuts(model, reference, fit, cfg.repair)[1])
+            del reference
+    elif cfg.repair is not None:
+        print("cut repair: nothing removed, so there is no cut to repair")
     removed = list(fold_info(model)["provenance"]["removed_blocks"])
     scorer = ShareScorer(model, calib, cfg)
     groups = plan_groups(model, scorer, cfg)
@@ -129,7 +147,7 @@ def fold(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> tuple[nn.Mod
         "unique_reduction": 1 - after.unique / before.unique,
         "effective_reduction": 1 - after.effective / before.effective,
     }
-    return model, FoldReport(gates, removed, schedule, sources, scores, params)
+    return model, FoldReport(gates, removed, schedule, sources, scores, params, selection, repaired)
 
 
 @register_method("foldgpt", FoldConfig, heal_minutes=DEFAULT_HEAL_MINUTES, configured_by_fold=True)
@@ -182,34 +200,14 @@ class ShareScorer:
         self.layers = self.adapter.get_layers(model)
         self.memo: dict[tuple[int, ...], tuple[int | str, dict]] = {}
         self.gram_memo: dict[int, dict[str, torch.Tensor]] = {}
-        self.inputs: list[list[tuple[tuple, dict]]] = []  # batch -> depth -> (args, kwargs)
-        self.reference: list[torch.Tensor] = []
-        for batch in _score_batches(calib, cfg):
-            seen: list[tuple[tuple, dict]] = []
-            hooks = [layer.register_forward_pre_hook(lambda _m, a, k: seen.append((a, dict(k))), with_kwargs=True)
-                     for layer in self.layers]
-            try:
-                with torch.no_grad():
-                    logits = model(batch, use_cache=False).logits
-            finally:
-                for h in hooks:
-                    h.remove()
-            self.inputs.append(seen)
-            self.reference.append(F.log_softmax(logits.float(), -1))
+        self.replay = Replay(model, _score_batches(calib, cfg))
+        self.inputs = self.replay.inputs  # batch -> depth -> (args, kwargs)
+        self.reference = [F.log_softmax(logits.float(), -1) for logits in self.replay.logits]
+        self.replay.logits.clear()
 
-    @torch.no_grad()
     def tail_logits(self, batch: int, start: int) -> torch.Tensor:
         """Logits of depths start..n-1 run on depth `start`'s captured input."""
-        args, kwargs = self.inputs[batch][start]
-        h = args[0] if args else kwargs.pop("hidden_states")
-        for depth in range(start, len(self.layers)):
-            a, k = self.inputs[batch][depth]
-            k = {key: v for key, v in k.items() if key != "hidden_states"}
-            out = self.layers[depth](h, *a[1:], **k)
-            h = out[0] if isinstance(out, tuple) else out
-        logits = self.adapter.get_lm_head(self.model)(self.adapter.get_final_norm(self.model)(h))
-        softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        return torch.tanh(logits / softcap) * softcap if softcap else logits
+        return self.replay.tail_logits(batch, start)
 
     def best(self, depths: list[int]) -> tuple[int | str, dict]:
         """(best candidate, {candidate: KL}) for sharing one set of weights across `depths`."""

@@ -69,6 +69,7 @@ class GateConfig:
     hidden_mse: float = 0.0  # weight of the final-hidden-state MSE term
     temperature: tuple[float, float] = (1.0, 0.05)  # g = sigmoid(s / T), T annealed geometrically
     seed: int = 0
+    init: tuple[float, ...] | None = None  # starting logits, one per block (e.g. another method's ranking); None: all equal
 
     def __post_init__(self):
         self.budget_unit = BudgetUnit(self.budget_unit)
@@ -76,6 +77,8 @@ class GateConfig:
             raise ValueError(f"num_remove must be >= 0, got {self.num_remove}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be positive (got {self.steps}, {self.batch_size})")
+        if self.init is not None:
+            self.init = tuple(float(x) for x in self.init)
 
 
 @dataclass
@@ -174,6 +177,11 @@ def learn_gates(model: nn.Module, data: torch.Tensor, cfg: GateConfig) -> GateRe
     for p, _ in frozen:
         p.requires_grad_(False)
     gates = BlockGates(model)
+    if cfg.init is not None:
+        if len(cfg.init) != n_blocks:
+            raise ValueError(f"gate init has {len(cfg.init)} logits for {n_blocks} blocks")
+        with torch.no_grad():
+            gates.logits.copy_(torch.tensor(cfg.init))
     weights = _block_weights(model, cfg.budget_unit)
     target = float(weights.sum() - weights.sort().values[: cfg.num_remove].sum())
     _project_to_budget(gates.logits, weights, target, 1.0)
