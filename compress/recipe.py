@@ -42,7 +42,7 @@ class CompressConfig:
     out: str
     model: str = "default"
     dtype: str = "float32"
-    calib: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=32, seq_len=256))
+    calib: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=40, seq_len=256))  # FoldGPT holds 8 back
     heal_data: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=192, seq_len=256, seed=1))
     fold: FoldConfig = field(default_factory=FoldConfig)  # FoldGPT's settings; a peer takes removal_rate from it
     method: str = "foldgpt"  # compress.methods: foldgpt, shortgpt, streamline, layerchop, sleb
@@ -62,6 +62,9 @@ class CompressConfig:
             self.peer = self.peer if self.peer is not None else method.config()
             if not isinstance(self.peer, method.config):
                 raise ValueError(f"method {self.method} takes a {method.config.__name__}, not {type(self.peer).__name__}")
+        if method.configured_by_fold and self.fold.select.measures and self.calib.num_sequences <= self.fold.select.held_back:
+            raise ValueError(f"{self.calib.num_sequences} calibration windows leave none for the removal candidates "
+                             f"once {self.fold.select.held_back} are held back to score them")
         if isinstance(self.heal, str):
             if self.heal != METHOD_DEFAULT:
                 raise ValueError(f"heal must be a HealConfig, None or {METHOD_DEFAULT!r}, got {self.heal!r}")
@@ -183,6 +186,7 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
             "removal_rate": cfg.fold.removal_rate, "group_size": cfg.fold.group_size,
             "num_unique_blocks": cfg.fold.num_unique_blocks,
             "gates": (report.get("gates") or {}).get("gates"), "share_sources": report["sources"],
+            "removal_selection": report.get("selection"), "repair": report.get("repair"),
         }
     else:
         provenance = {"source": cfg.model, "method": cfg.method, "removal_rate": cfg.fold.removal_rate,

@@ -394,7 +394,7 @@ def tiny_dir(tmp_path):
 def compress_args(tmp_path, tiny_dir, *extra):
     model, text = tiny_dir
     return ["compress", "--model", str(model), "--out", str(tmp_path / "folded"), "--data", str(text),
-            "--removal-rate", "0.34", "--group-size", "2", "--seq-len", "16", "--calib-sequences", "8",
+            "--removal-rate", "0.34", "--group-size", "2", "--seq-len", "16", "--calib-sequences", "12",
             "--heal-sequences", "8", "--gate-steps", "10", "--heal-steps", "3", *extra]
 
 
@@ -435,7 +435,7 @@ def test_default_gates_are_part_of_the_fold_key(tmp_path, tiny_dir):
     from compress.recipe import CompressConfig, compress
 
     model, text = tiny_dir
-    data = DataConfig(source=str(text), seq_len=16, num_sequences=8)
+    data = DataConfig(source=str(text), seq_len=16, num_sequences=12)
     compress(CompressConfig(out=str(tmp_path / "f"), model=str(model), calib=data, heal_data=data, heal=None,
                             fold=FoldConfig(removal_rate=0.34, group_size=2)))
     recorded = json.loads((tmp_path / "f.work" / "fold.json").read_text())["settings"]["fold"]["gate"]
@@ -447,6 +447,9 @@ def test_default_gates_are_part_of_the_fold_key(tmp_path, tiny_dir):
     ("--removal-rate", "0.95", "removes all", "load"),
     ("--group-size", "9", "larger than", "load"),
     ("--heal-steps", "0", "max_steps must be positive", "load"),
+    ("--repair", "sideways", "unknown repair fit 'sideways'; choose one of sequential, dense", "load"),
+    ("--removal-candidates", "gates,magic", "unknown removal candidate 'magic'", "load"),
+    ("--held-back", "12", "12 calibration windows leave none", "load"),
     ("--seq-len", "50000", "data too short", "fold"),  # needs the tokenizer: found by the data stage
 ])
 def test_compress_bad_input_is_one_line(tmp_path, tiny_dir, capsys, flag, value, match, before, monkeypatch):
@@ -457,7 +460,10 @@ def test_compress_bad_input_is_one_line(tmp_path, tiny_dir, capsys, flag, value,
     if before == "load":
         monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
     args = compress_args(tmp_path, tiny_dir)
-    args[args.index(flag) + 1] = value
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and "\n" not in err
