@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from compress.data import held_out_text  # noqa: F401  (fold_split and gate_settings import it from here)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEV = ROOT.parent / "shared" / "data" / "dev"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -50,17 +52,7 @@ POINTS = {
 }
 DEFAULT_POINTS = ("p15r6", "p25r10", "p36r14")
 HEAL_SEQUENCES = 256  # 256-token windows of self-generated healing text, every point and every method
-HELD_OUT_GEN_SEED = 1  # calibration and healing text use generation seed 0
 HELD_OUT_TOKENS = 8192
-
-
-def held_out_text(model, tokenizer, tokens: int = HELD_OUT_TOKENS) -> str:
-    """Self-generated text no run trains or calibrates on (another generation seed):
-    perplexity on the healing text's own distribution, beside WikiText's."""
-    from compress.data import DataConfig, load_texts
-
-    cfg = DataConfig(num_sequences=max(1, tokens // 256), seq_len=256, gen_seed=HELD_OUT_GEN_SEED)
-    return "\n\n".join(load_texts(cfg, model, tokenizer))
 
 
 def held_out_file(tokens: int = HELD_OUT_TOKENS) -> Path:
@@ -71,7 +63,7 @@ def held_out_file(tokens: int = HELD_OUT_TOKENS) -> Path:
 
         WORK.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(".tmp")
-        tmp.write_text(held_out_text(*load_model("default"), tokens))
+        tmp.write_text(held_out_text(*load_model("default"), tokens))  # compress.data
         tmp.replace(file)
     return file
 

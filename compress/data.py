@@ -230,6 +230,16 @@ def _grow_cache(cfg: DataConfig, model: nn.Module, tokenizer, file: Path, meta_f
     return _prefix(docs, counts, target)
 
 
+HELD_OUT_GEN_SEED = 1  # calibration and healing text use generation seed 0
+
+
+def held_out_text(model: nn.Module, tokenizer, tokens: int = 8192) -> str:
+    """Self-generated text that no stage trains, calibrates or selects on (another generation
+    seed): perplexity on the healing text's own distribution, on any user's machine."""
+    cfg = DataConfig(num_sequences=max(1, tokens // 256), seq_len=256, gen_seed=HELD_OUT_GEN_SEED)
+    return "\n\n".join(load_texts(cfg, model, tokenizer))
+
+
 def _num_tokens(tokenizer, doc: str) -> int:
     return len(tokenizer(doc, add_special_tokens=False)["input_ids"])
 

@@ -68,7 +68,8 @@ class RunConfig:
     bench: bool = True
     seq_len: int = 256
     gate_steps: int | None = None  # None: compress.importance.GateConfig's default
-    calib_sequences: int = 32
+    calib_sequences: int = 40  # FoldGPT holds 8 back to choose which blocks go
+    quality_tokens: int = 4096  # held-out self text the folded model's perplexity is measured on (0: skip)
     overwrite: bool = False  # write into an existing OUT this tool did not make (never one holding the model)
 
 
@@ -110,6 +111,11 @@ def run(cfg: RunConfig) -> dict:
     folded, _ = load_folded(folded_dir)
     print(format_summary(summarize(folded, folded_dir)))
     del folded
+    quality = None
+    if cfg.quality_tokens:
+        t = _stage("2/4 quality", f"perplexity on {cfg.quality_tokens} tokens of held-out self text, dense beside folded")
+        quality = measure_quality(dense_dir, folded_dir, cfg.quality_tokens, out / "quality.json")
+        timings["quality_s"] = time.monotonic() - t
 
     t = _stage("3/4 export", ", ".join(f"{b} {p}" for b, p in cfg.exports))
     exports = export_all({"dense": dense_dir, "folded": folded_dir}, cfg, out / "exports")
@@ -130,13 +136,56 @@ def run(cfg: RunConfig) -> dict:
                                 **({"profile": cfg.profile} if cfg.profile else {}))
         bench_result = bench(bench_cfg)
         timings["bench_s"] = time.monotonic() - t
+        if quality:
+            report = out / "bench" / "report.md"
+            write_atomic(report, report.read_text() + "\n" + quality_section(quality))
 
-    summary = {"config": asdict(cfg), "timings_s": {k: round(v, 1) for k, v in timings.items()}, "exports": exports,
+    summary = {"config": asdict(cfg), "timings_s": {k: round(v, 1) for k, v in timings.items()}, "quality": quality,
+               "exports": exports,
                "report": str(out / "bench" / "report.md") if bench_result else None}
     write_atomic(out / "run.json", json.dumps(summary, indent=1, default=str))
     print(f"\nfoldgpt run: done in {sum(timings.values()) / 60:.1f} min; summary in {out / 'run.json'}"
           + (f", report in {summary['report']}" if summary["report"] else ""))
     return summary
+
+
+def measure_quality(dense_dir: Path, folded_dir: Path, tokens: int, file: Path) -> dict:
+    """What the speed-up costs: perplexity on self text no stage saw (compress.data.held_out_text),
+    dense beside folded, with the blocks and bytes each keeps. Kept in `file` once measured."""
+    if file.is_file():
+        return json.loads(file.read_text())
+    from compress.data import held_out_text
+    from compress.evaluate import perplexity
+    from compress.format import load_folded
+
+    dense, tok = load_folded(dense_dir)
+    text = held_out_text(dense, tok, tokens)
+    window = min(512, dense.config.max_position_embeddings)
+    rows = {}
+    for name, path in (("dense", dense_dir), ("folded", folded_dir)):
+        model = dense if name == "dense" else load_folded(path)[0]
+        s = summarize(model, path)
+        ppl = perplexity(model, tok, text, seq_len=window, stride=window // 2, max_tokens=tokens)
+        rows[name] = {"perplexity": round(ppl, 3), "depths": s["num_layers"],
+                      "unique_blocks": s["num_unique_blocks"], "unique_params": s["unique_params"],
+                      "unique_bytes": s["unique_bytes"]}
+    quality = {"text": f"{tokens} tokens of held-out self text (generation seed 1)", **rows}
+    write_atomic(file, json.dumps(quality, indent=1))
+    return quality
+
+
+def quality_section(q: dict) -> str:
+    """The report's quality table: what the speed-up costs."""
+    mb, dense = 1024 * 1024, q["dense"]["perplexity"]
+    lines = ["## What the folded model costs in quality", "",
+             f"Perplexity on {q['text']}: text no stage trained, calibrated or selected on.", "",
+             "| model | perplexity | x dense | depths | unique blocks | unique params | unique MiB |",
+             "|---|---|---|---|---|---|---|"]
+    for name in ("dense", "folded"):
+        r = q[name]
+        lines.append(f"| {name} | {r['perplexity']:.2f} | {r['perplexity'] / dense:.2f}x | {r['depths']} | "
+                     f"{r['unique_blocks']} | {r['unique_params'] / 1e6:.1f}M | {r['unique_bytes'] / mb:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def llamacpp_peer(model: str) -> str | None:

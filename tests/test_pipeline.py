@@ -31,7 +31,7 @@ def config(tmp_path, source, **kw):
     from foldgpt.pipeline import RunConfig
 
     base = dict(model=str(source), out=str(tmp_path / "run"), removal_rate=0.34, unique_blocks=None,
-                heal_minutes=0.05, heal_sequences=8, calib_sequences=8, seq_len=16, gate_steps=5,
+                heal_minutes=0.05, heal_sequences=8, calib_sequences=12, seq_len=16, gate_steps=5,
                 exports=(("onnx", "fp32"),), max_context=64, bench=False)
     base.update(kw)
     return RunConfig(**base)
@@ -48,11 +48,19 @@ def test_run_makes_every_stage_and_resumes(tmp_path, source, monkeypatch):
     assert json.loads((run / "run.json").read_text())["exports"]["dense"][0]["status"] == "ok"
     folded = json.loads((run / "folded" / "config.json").read_text())["fold"]
     assert folded["schedule"] == [0, 0, 1, 1]
+    quality = summary["quality"]  # what the fold costs, measured on text no stage saw
+    assert quality["dense"]["depths"] == 6 and quality["folded"]["depths"] == 4
+    assert quality["folded"]["unique_blocks"] == 2 and quality["folded"]["unique_bytes"] < quality["dense"]["unique_bytes"]
+    assert quality["folded"]["perplexity"] != quality["dense"]["perplexity"] and quality["dense"]["perplexity"] > 1
+    assert json.loads((run / "quality.json").read_text()) == quality
 
     import compress.recipe as recipe
     import export.onnx as onnx
 
     monkeypatch.setattr(recipe, "compress", lambda *a, **k: pytest.fail("finished compress stage was redone"))
+    import compress.data as data
+
+    monkeypatch.setattr(data, "held_out_text", lambda *a, **k: pytest.fail("measured quality was redone"))
     import export.registry as registry
     from dataclasses import replace
 
@@ -76,6 +84,15 @@ def test_failed_export_is_recorded_and_the_run_goes_on(tmp_path, source, monkeyp
     summary = pipeline.run(config(tmp_path, source))
     row = summary["exports"]["folded"][0]
     assert row["status"] == "failed" and "unsupported op" in row["error"]
+
+
+def test_quality_section_states_the_cost():
+    from foldgpt.pipeline import quality_section
+
+    row = dict(depths=30, unique_blocks=30, unique_params=134.5e6, unique_bytes=538 * 2**20)
+    text = quality_section({"text": "4096 tokens", "dense": {**row, "perplexity": 4.0},
+                            "folded": {**row, "perplexity": 6.0, "depths": 24, "unique_blocks": 20}})
+    assert "| folded | 6.00 | 1.50x | 24 | 20 | 134.5M | 538.0 |" in text
 
 
 def test_exports_spec_parses_and_rejects_bad_input():
