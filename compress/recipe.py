@@ -1,12 +1,16 @@
 """`foldgpt compress`: the FoldGPT recipe (or a peer method) as resumable stages.
 
     1. data      calibration + healing sequences        work/calib.pt, work/heal.pt
-    2. fold      the method: FoldGPT's gates -> removal  work/folded/ (uncured), work/fold_report.json
-                 -> shared groups, or a peer's removal
+    2. fold      the method: FoldGPT's removal chosen   work/folded/ (uncured), work/fold_report.json
+                 among candidates -> cuts repaired ->
+                 shared groups, or a peer's removal
                  (compress.methods)
-    3. cure      fine-tune (the method's kind of cure)  work/cure/checkpoint (resumable)
-    4. eval      optional metrics vs the dense model    OUT/eval.json, config.fold.provenance.metrics
-    5. save      the folded model with provenance       OUT/
+    3. local     optional: the block before each cut     work/local/, work/local_report.json
+                 trained towards the dense state after it
+                 (compress.local_heal; minutes taken from the cure's)
+    4. cure      fine-tune (the method's kind of cure)  work/cure/checkpoint (resumable)
+    5. eval      optional metrics vs the dense model    OUT/eval.json, config.fold.provenance.metrics
+    6. save      the folded model with provenance       OUT/
 
 Each stage records its settings in work/<stage>.json and writes its artifact
 atomically; with --resume a finished stage is skipped and the cure continues from its
@@ -20,7 +24,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +34,7 @@ from compress.fold import FoldConfig
 from compress.format import load_folded, save_folded
 from compress.heal import HealConfig, heal
 from compress.importance import GateConfig
+from compress.local_heal import LocalHealConfig, local_heal
 from compress.load import load_depth, load_model
 from compress.methods import get_method, heal_config
 from compress.outputs import Kind, check_output, exclusive, mark
@@ -48,6 +53,7 @@ class CompressConfig:
     method: str = "foldgpt"  # compress.methods: foldgpt, shortgpt, streamline, layerchop, sleb
     peer: object | None = None  # a peer method's config (None: its defaults)
     heal: HealConfig | None | str = METHOD_DEFAULT  # None: no cure; default: the method's (compress.methods)
+    local: LocalHealConfig | None = None  # block-local healing at the cuts; its minutes come out of the cure's
     eval: object | None = None  # compress.evaluate.EvalConfig
     eval_reference: dict | None = None  # the dense model's evaluate() result, if already measured
     work_dir: str | None = None  # default: OUT + ".work"
@@ -69,6 +75,12 @@ class CompressConfig:
             if self.heal != METHOD_DEFAULT:
                 raise ValueError(f"heal must be a HealConfig, None or {METHOD_DEFAULT!r}, got {self.heal!r}")
             self.heal = heal_config(self.method)
+        if self.local is not None and self.heal is not None and self.heal.max_minutes and self.local.max_minutes:
+            # one budget: the local minutes come out of the cure's
+            if self.local.max_minutes >= self.heal.max_minutes:
+                raise ValueError(f"local healing's {self.local.max_minutes:g} min leave nothing of the cure's "
+                                 f"{self.heal.max_minutes:g} min")
+            self.heal = replace(self.heal, max_minutes=self.heal.max_minutes - self.local.max_minutes)
 
     def method_config(self, num_layers: int):
         """The chosen method's config with its removal count resolved; ValueError if the
@@ -162,7 +174,21 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
     report = json.loads((work / "fold_report.json").read_text())
     timings["fold_s"] = time.monotonic() - t
 
-    # 3. cure (resumes from its own checkpoint; a finished cure is restored from it)
+    # 3. local healing at the cuts (a stage of its own: minutes, redone whole if interrupted)
+    local_report = None
+    if cfg.local is not None:
+        t = time.monotonic()
+        fold_settings = {**fold_settings, "local": asdict(cfg.local)}
+        if not _claim_stage(work, "local", fold_settings):
+            student, rep = local_heal(student, dense, heal_seqs, cfg.local)
+            save_folded(student, work / "local", tokenizer)
+            _write_json(work / "local_report.json", asdict(rep))
+            _finish_stage(work, "local")
+        student, _ = load_folded(work / "local")
+        local_report = json.loads((work / "local_report.json").read_text())
+        timings["local_s"] = time.monotonic() - t
+
+    # 4. cure (resumes from its own checkpoint; a finished cure is restored from it)
     heal_state = None
     if cfg.heal is not None:
         t = time.monotonic()
@@ -171,7 +197,7 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
         _finish_stage(work, "cure")
         timings["cure_s"] = time.monotonic() - t
 
-    # 4. eval
+    # 5. eval
     metrics = None
     if cfg.eval is not None:
         from compress.evaluate import evaluate
@@ -179,7 +205,7 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
         metrics = {"dense": cfg.eval_reference or evaluate(dense, tokenizer, cfg.eval)}
         metrics["folded"] = evaluate(student, tokenizer, cfg.eval, reference=metrics["dense"])
 
-    # 5. save
+    # 6. save
     if cfg.peer is None:
         provenance = {
             "source": cfg.model, "method": cfg.method,
@@ -192,7 +218,7 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
         provenance = {"source": cfg.model, "method": cfg.method, "removal_rate": cfg.fold.removal_rate,
                       "method_config": asdict(method_cfg), "method_report": report}
     provenance.update({
-        "params": report["params"],
+        "params": report["params"], "local_heal": local_report,
         "cure": None if heal_state is None else {
             "steps": heal_state.step, "tokens": heal_state.tokens, "seconds": round(heal_state.seconds, 1),
             "final_loss": heal_state.losses[-1] if heal_state.losses else None,

@@ -69,6 +69,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from compress.importance import GateConfig
     from compress.methods import given, heal_config, method_config
     from compress.recipe import CompressConfig, compress
+    from compress.local_heal import LocalHealConfig
     from compress.repair import RepairConfig
     from compress.select import SelectConfig
 
@@ -86,6 +87,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                         gate=GateConfig(num_remove=0, seed=args.seed, **given(steps=args.gate_steps)),
                         select=SelectConfig(**given(candidates=args.removal_candidates, held_back=args.held_back)),
                         repair=None if args.repair == "none" else RepairConfig(fit=args.repair)),
+        local=LocalHealConfig(max_minutes=args.local_minutes, **given(loss=args.local_loss)) if args.local_minutes or args.local_loss else None,
         heal=None if args.no_heal else heal_config(args.method, budget, lora_rank=args.lora_rank, distill=args.distill,
                                                    batch_size=args.batch_size, seed=args.seed),
         eval=_eval_config(args),
@@ -226,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the set with the lowest held-back KL is removed")
     p.add_argument("--held-back", type=int, default=None, help="foldgpt: calibration windows kept for scoring candidates (default 8)")
     p.add_argument("--repair", default="sequential", help="foldgpt: closed-form map at each cut: sequential, dense or none")
+    p.add_argument("--local-minutes", type=float, default=None,
+                   help="train the block before each cut towards the dense state after it for this long, "
+                        "taken from the cure's --heal-minutes (default: off)")
+    p.add_argument("--local-loss", default=None, help="local healing loss: mse (default) or cosine")
     p.add_argument("--heal-sequences", type=int, default=192)
     p.add_argument("--gate-steps", type=int, default=None, help="gate training steps (default: GateConfig's)")
     p.add_argument("--seed", type=int, default=0)

@@ -450,6 +450,7 @@ def test_default_gates_are_part_of_the_fold_key(tmp_path, tiny_dir):
     ("--repair", "sideways", "unknown repair fit 'sideways'; choose one of sequential, dense", "load"),
     ("--removal-candidates", "gates,magic", "unknown removal candidate 'magic'", "load"),
     ("--held-back", "12", "12 calibration windows leave none", "load"),
+    ("--local-loss", "l1", "unknown local healing loss 'l1'", "load"),
     ("--seq-len", "50000", "data too short", "fold"),  # needs the tokenizer: found by the data stage
 ])
 def test_compress_bad_input_is_one_line(tmp_path, tiny_dir, capsys, flag, value, match, before, monkeypatch):

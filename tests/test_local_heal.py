@@ -1,0 +1,73 @@
+"""Block-local healing at the cuts (compress/local_heal.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compress.blocks import remove_blocks, share_blocks
+from compress.local_heal import LocalHealConfig, local_heal
+from tests.conftest import tiny_model
+from tests.test_compress import tiny_dir, tokens  # noqa: F401  (tiny_dir: fixture)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cosine"])
+def test_local_healing_lowers_each_cuts_held_out_error(loss):
+    dense = tiny_model(layers=6, hidden=64)
+    pruned = remove_blocks(copy.deepcopy(dense), [2, 4])
+    untouched = [p.clone() for p in pruned.model.layers[0].parameters()]
+    model, report = local_heal(pruned, dense, tokens(n=24, seq=16),
+                               LocalHealConfig(max_minutes=None, max_steps=60, pool=24, lr=3e-3, loss=loss))
+    assert [c["depth"] for c in report.cuts] == [1, 2]
+    for c in report.cuts:
+        assert c["steps"] == 60 and c["eval_after"] < c["eval_before"]
+    # only the blocks before the cuts train
+    assert all(torch.equal(a, b) for a, b in zip(untouched, model.model.layers[0].parameters()))
+
+
+def test_shared_blocks_and_a_leading_cut_are_left_to_the_cure():
+    dense = tiny_model(layers=6, hidden=64)
+    pruned = share_blocks(remove_blocks(copy.deepcopy(dense), [0, 3]), [0, 1, 1, 2])
+    _, report = local_heal(pruned, dense, tokens(n=16, seq=16), LocalHealConfig(max_steps=2, pool=16))
+    assert report.cuts == []
+    assert [s["why"] for s in report.skipped] == ["no kept block before the cut", "depth 1 is shared"]
+
+
+def test_bad_input_is_one_line():
+    dense = tiny_model(layers=4)
+    with pytest.raises(ValueError, match="nothing was removed"):
+        local_heal(copy.deepcopy(dense), dense, tokens(n=16, seq=16), LocalHealConfig(max_steps=1, pool=16))
+    with pytest.raises(ValueError, match="captures 64 windows per cut; only 8 were given"):
+        local_heal(remove_blocks(copy.deepcopy(dense), [1]), dense, tokens(n=8, seq=16), LocalHealConfig(max_steps=1))
+    with pytest.raises(ValueError, match="unknown local healing loss 'l1'"):
+        LocalHealConfig(loss="l1")
+    with pytest.raises(ValueError, match="needs a budget"):
+        LocalHealConfig(max_minutes=None)
+
+
+def test_local_minutes_come_out_of_the_cures(tmp_path):
+    from compress.heal import HealConfig
+    from compress.recipe import CompressConfig
+
+    cfg = CompressConfig(out=str(tmp_path / "o"), heal=HealConfig(max_minutes=20), local=LocalHealConfig(max_minutes=4))
+    assert cfg.heal.max_minutes == 16
+    with pytest.raises(ValueError, match="local healing's 4 min leave nothing of the cure's 4 min"):
+        CompressConfig(out=str(tmp_path / "o"), heal=HealConfig(max_minutes=4), local=LocalHealConfig(max_minutes=4))
+
+
+def test_compress_runs_the_local_stage_once_and_records_it(tmp_path, tiny_dir, monkeypatch):
+    import json
+
+    import compress.recipe as recipe
+    from foldgpt.cli import main
+    from tests.test_compress import compress_args
+
+    args = compress_args(tmp_path, tiny_dir, "--group-size", "1", "--local-minutes", "0.02", "--heal-sequences", "64")
+    assert main(args) == 0
+    prov = json.loads((tmp_path / "folded" / "config.json").read_text())["fold"]["provenance"]
+    assert prov["local_heal"]["cuts"] and all(c["steps"] > 0 for c in prov["local_heal"]["cuts"])
+    assert (tmp_path / "folded.work" / "local" / "model.safetensors").is_file()
+    monkeypatch.setattr(recipe, "local_heal", lambda *a, **k: pytest.fail("finished local stage was redone"))
+    assert main(args + ["--resume", "--overwrite"]) == 0
