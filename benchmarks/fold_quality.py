@@ -102,19 +102,35 @@ def dense_reference(eval_cfg) -> dict:
     return result
 
 
+class Variant(NamedTuple):
+    """FoldGPT settings other than its defaults, for ablations; `tag` names their work dirs."""
+    tag: str = ""
+    candidates: str | None = None  # compress.select candidates (comma list)
+    repair: str | None = None  # compress.repair fit, or "none"
+    local_minutes: float | None = None  # compress.local_heal, out of the cure's minutes
+
+
 def compress_config(name: str, heal, eval_cfg=None, reference: dict | None = None,
-                    heal_sequences: int = HEAL_SEQUENCES):
+                    heal_sequences: int = HEAL_SEQUENCES, variant: Variant = Variant()):
     """The `compress` run of point `name` (fold_split.py runs the same data and fold stages)."""
     from compress.data import DataConfig
     from compress.fold import FoldConfig
+    from compress.local_heal import LocalHealConfig
+    from compress.methods import given
     from compress.recipe import CompressConfig
+    from compress.repair import RepairConfig
+    from compress.select import SelectConfig
 
     p = parse_point(name)
     rate, unique = POINTS[p.name]
+    fold = {"select": SelectConfig(candidates=variant.candidates)} if variant.candidates else {}
+    if variant.repair:
+        fold["repair"] = None if variant.repair == "none" else RepairConfig(fit=variant.repair)
     return CompressConfig(
-        out=str(point_dir(name)), model="default",
+        out=str(point_dir(name, variant.tag)), model="default",
         heal_data=DataConfig(num_sequences=p.windows or heal_sequences, seq_len=256, seed=1),
-        fold=FoldConfig(removal_rate=rate, group_size=None, num_unique_blocks=unique),
+        fold=FoldConfig(removal_rate=rate, group_size=None, num_unique_blocks=unique, **fold),
+        local=LocalHealConfig(max_minutes=variant.local_minutes) if variant.local_minutes else None,
         heal=heal, eval=eval_cfg, eval_reference=reference, resume=True,
     )
 
@@ -148,15 +164,15 @@ def parse_point(point: str) -> Point:
     return parsed
 
 
-def point_dir(point: str) -> Path:
-    """p25r10 -> work/p25r10, p25r10:logits@40+1024 -> work/p25r10-logits-40m-1024w."""
+def point_dir(point: str, tag: str = "") -> Path:
+    """p25r10 -> work/p25r10, p25r10:logits@40+1024 -> work/p25r10-logits-40m-1024w; a variant's under work/TAG/."""
     p = parse_point(point)
-    return WORK / "-".join([p.name] + ([p.distill] if p.distill else []) + ([f"{p.minutes:g}m"] if p.minutes else [])
+    return (WORK / tag if tag else WORK) / "-".join([p.name] + ([p.distill] if p.distill else []) + ([f"{p.minutes:g}m"] if p.minutes else [])
                            + ([f"{p.windows}w"] if p.windows else []))
 
 
 def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_sequences: int,
-              teacher_cache_mb: float = 0.0) -> dict:
+              teacher_cache_mb: float = 0.0, variant: Variant = Variant()) -> dict:
     from compress.heal import HealConfig
     from compress.recipe import compress
 
@@ -164,12 +180,12 @@ def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_s
     rate, unique = POINTS[name]
     heal = HealConfig(max_minutes=minutes or heal_minutes, teacher_cache_mb=teacher_cache_mb,
                       **({"distill": distill} if distill else {}))
-    out = point_dir(point)
+    out = point_dir(point, variant.tag)
     if (out / "eval.json").is_file():
-        check_budget(out, heal.max_minutes)
+        check_budget(out, heal.max_minutes - (variant.local_minutes or 0))
     else:
         base_point = name + (f"+{windows}" if windows else "")  # same data and fold stages, other cure
-        base = Path(f"{point_dir(base_point)}.work")
+        base = Path(f"{point_dir(base_point, variant.tag)}.work")
         work = Path(f"{out}.work")
         if (distill or minutes) and not work.exists():
             if not ((base / "fold.json").is_file() and json.loads((base / "fold.json").read_text())["done"]):
@@ -178,7 +194,7 @@ def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_s
             for f in ("calib.pt", "heal.pt", "data.json", "fold.json", "fold_report.json"):
                 shutil.copy2(base / f, work / f)
             shutil.copytree(base / "folded", work / "folded")
-        compress(compress_config(point, heal, eval_cfg, reference, heal_sequences))
+        compress(compress_config(point, heal, eval_cfg, reference, heal_sequences, variant))
     config = json.loads((out / "config.json").read_text())
     ev = json.loads((out / "eval.json").read_text())
     prov = config["fold"]["provenance"]
@@ -186,7 +202,9 @@ def run_point(point: str, heal_minutes: float, eval_cfg, reference: dict, heal_s
             "heal_minutes": recorded_minutes(Path(f"{out}.work")), "heal_windows": windows or heal_sequences,
             "schedule": config["fold"]["schedule"], "removed_blocks": prov["removed_blocks"], "params": prov["params"],
             "cure": prov["cure"], "gates": prov["gates"], "dense": ev["dense"], "folded": ev["folded"],
-            "bytes": (out / "model.safetensors").stat().st_size, **run_settings(Path(f"{out}.work"))}
+            "bytes": (out / "model.safetensors").stat().st_size, **run_settings(Path(f"{out}.work")),
+            "variant": variant._asdict(), "selection": prov.get("removal_selection"), "repair": prov.get("repair"),
+            "local_heal": prov.get("local_heal")}
 
 
 def recorded_minutes(work: Path) -> float | None:
@@ -326,7 +344,12 @@ def main() -> None:
     ap.add_argument("--teacher-cache-mb", type=float, default=0.0,
                     help="the cure's teacher cache (compress.heal.TeacherCache); 0 keeps cures comparable with peers.py's")
     ap.add_argument("--name", default="fold_quality", help="results file stem: an experiment beside the main report")
+    ap.add_argument("--tag", default="", help="a FoldGPT variant: its work dirs go under benchmarks/work/TAG/")
+    ap.add_argument("--candidates", default=None, help="variant: removal candidates (compress.select), comma list")
+    ap.add_argument("--repair", default=None, help="variant: cut repair fit (sequential, dense, none)")
+    ap.add_argument("--local-minutes", type=float, default=None, help="variant: block-local healing minutes, out of the cure's")
     args = ap.parse_args()
+    variant = Variant(args.tag, args.candidates, args.repair, args.local_minutes)
     if not DEV.is_dir():
         raise SystemExit(f"{DEV} not found: this benchmark needs the development sets beside the repository")
     eval_cfg = eval_config(args.limit, args.ppl_tokens)
@@ -337,7 +360,8 @@ def main() -> None:
         parse_point(name)  # every name checked before the first run starts
     for name in names:
         t = time.monotonic()
-        points.append(run_point(name, args.heal_minutes, eval_cfg, reference, args.heal_sequences, args.teacher_cache_mb))
+        points.append(run_point(name, args.heal_minutes, eval_cfg, reference, args.heal_sequences, args.teacher_cache_mb,
+                                variant))
         print(f"{name}: done in {(time.monotonic() - t) / 60:.1f} min", flush=True)
         write_report(points, args.name)
     print((RESULTS / f"{args.name}.md").read_text())
