@@ -68,7 +68,7 @@ class CompressConfig:
             self.peer = self.peer if self.peer is not None else method.config()
             if not isinstance(self.peer, method.config):
                 raise ValueError(f"method {self.method} takes a {method.config.__name__}, not {type(self.peer).__name__}")
-        if method.configured_by_fold and self.fold.select.measures and self.calib.num_sequences <= self.fold.select.held_back:
+        if method.configured_by_fold and self.fold.select.held_back and self.calib.num_sequences <= self.fold.select.held_back:
             raise ValueError(f"{self.calib.num_sequences} calibration windows leave none for the removal candidates "
                              f"once {self.fold.select.held_back} are held back to score them")
         if isinstance(self.heal, str):

@@ -46,7 +46,7 @@ class Candidate(str, Enum):
 @dataclass
 class SelectConfig:
     candidates: tuple[Candidate, ...] = tuple(Candidate)
-    held_back: int = 8  # calibration windows kept out of every proposal and fit, for the score
+    held_back: int = 8  # calibration windows kept out of every proposal and fit, for the score (0: one candidate, unscored)
     batch_size: int = 4
     sleb_sequences: int | None = 8  # SLEB's perplexity on this many windows (cost ~ blocks x removals forwards)
     init_margin: float = 1.0  # gates_from_sleb: starting logit +m for SLEB's kept blocks, -m for its removed ones
@@ -59,23 +59,19 @@ class SelectConfig:
         self.candidates = tuple(dict.fromkeys(enum_choice(Candidate, c, "removal candidate") for c in self.candidates))
         if not self.candidates:
             raise ValueError("give at least one removal candidate")
-        if self.held_back < 1 and len(self.candidates) > 1:
-            raise ValueError(f"held_back must be >= 1 to choose among candidates, got {self.held_back}")
+        if self.held_back < 0 or (self.held_back == 0 and len(self.candidates) > 1):
+            raise ValueError(f"held_back must be >= 1 to choose among candidates (0 only with one), got {self.held_back}")
         if self.batch_size < 1:
             raise ValueError(f"select batch_size must be positive, got {self.batch_size}")
 
-    @property
-    def measures(self) -> bool:
-        """With one candidate there is nothing to choose: no windows are held back."""
-        return len(self.candidates) > 1
-
     def split(self, calib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(windows proposals and fits see, held-back windows or None)."""
-        if not self.measures:
+        """(windows proposals and fits see, held-back windows or None). A single candidate
+        is still scored, so its held-back KL is on record, unless held_back is 0."""
+        if not self.held_back:
             return calib, None
         if len(calib) <= self.held_back:
-            raise ValueError(f"choosing among removal candidates holds back {self.held_back} calibration windows; "
-                             f"only {len(calib)} were given")
+            raise ValueError(f"{len(calib)} calibration windows leave none for the removal candidates "
+                             f"once {self.held_back} are held back to score them")
         return calib[: -self.held_back], calib[-self.held_back:]
 
 
@@ -144,7 +140,7 @@ def choose_removal(model: nn.Module, calib: torch.Tensor, num_remove: int, cfg: 
     fit, held = cfg.split(calib)
     sets, seconds, gates = propose(model, fit, num_remove, cfg, gate)
     table = {c: {"removed": s, "propose_s": seconds[c]} for c, s in sets.items()}
-    if not cfg.measures:
+    if held is None:
         (winner,) = table
         return Selection(sets[winner], winner, table, gates)
     held_batches = batches(held, cfg.batch_size)

@@ -79,16 +79,21 @@ def test_fold_records_the_selection_and_the_repair(monkeypatch):
     assert [c["depth"] for c in report.repair["cuts"]] == [0, 2]
 
 
-def test_one_candidate_holds_nothing_back():
-    calib = tokens(n=4, seq=16)
-    fit, held = SelectConfig(candidates="sleb").split(calib)
+def test_one_candidate_is_still_scored_unless_nothing_is_held_back(monkeypatch):
+    monkeypatch.setattr(select, "learn_gates", gates_closing([1]))
+    model, calib = tiny_model(layers=4), tokens(n=10, seq=16)
+    chosen = choose_removal(model, calib, 1, SelectConfig(candidates="gates", held_back=3))
+    assert chosen.table["gates"]["kl"] > 0
+    fit, held = SelectConfig(candidates="sleb", held_back=0).split(calib)
     assert fit is calib and held is None
+    assert "kl" not in choose_removal(model, calib, 1, SelectConfig(candidates="gates", held_back=0)).table["gates"]
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(candidates="gates,oracle"), "unknown removal candidate 'oracle'"),
     (dict(candidates=""), "at least one removal candidate"),
-    (dict(held_back=0), "held_back must be >= 1"),
+    (dict(held_back=0), "held_back must be >= 1 to choose among candidates"),
+    (dict(candidates="gates", held_back=-1), "held_back must be >= 1"),
 ])
 def test_bad_selection_settings_are_one_line(kw, match):
     with pytest.raises(ValueError, match=match):
