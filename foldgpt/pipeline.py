@@ -2,7 +2,8 @@
 
     1. dense     the source model, saved in the folded format      OUT/dense
     2. compress  FoldGPT at the default point (gates, removal,      OUT/folded (+ OUT/folded.work)
-                 sharing, a short cure)
+                 cut repair, sharing, a short cure), then its
+                 perplexity beside dense on held-out self text       OUT/quality.json
     3. export    ONNX and ExecuTorch, dense and folded, each        OUT/exports/<model>-<backend>-<precision>
                  behind its parity gate
     4. bench     latency and memory under the default phone          OUT/bench (bench.json, report.md, plots)
@@ -68,7 +69,11 @@ class RunConfig:
     bench: bool = True
     seq_len: int = 256
     gate_steps: int | None = None  # None: compress.importance.GateConfig's default
-    calib_sequences: int = 40  # FoldGPT holds 8 back to choose which blocks go
+    calib_sequences: int = 40  # FoldGPT holds 8 back to score which blocks go
+    # The gates alone propose the removal (still scored on the held-back windows): proposing with
+    # every candidate took 31 min at 10 of 30 blocks, and the gates' set won there
+    # (benchmarks/results/cut_repair_r10.md)
+    removal_candidates: str = "gates"
     quality_tokens: int = 4096  # held-out self text the folded model's perplexity is measured on (0: skip)
     overwrite: bool = False  # write into an existing OUT this tool did not make (never one holding the model)
 
@@ -86,10 +91,12 @@ def run(cfg: RunConfig) -> dict:
     from compress.importance import GateConfig
     from compress.methods import given
     from compress.recipe import CompressConfig, compress
+    from compress.select import SelectConfig
 
     out = mark(check_output(cfg.out, Kind.RUN, inputs=(cfg.model,), overwrite=cfg.overwrite), Kind.RUN)
     fold_cfg = FoldConfig(removal_rate=cfg.removal_rate, group_size=None if cfg.unique_blocks else 2,
-                          num_unique_blocks=cfg.unique_blocks, gate=GateConfig(num_remove=0, **given(steps=cfg.gate_steps)))
+                          num_unique_blocks=cfg.unique_blocks, gate=GateConfig(num_remove=0, **given(steps=cfg.gate_steps)),
+                          select=SelectConfig(candidates=cfg.removal_candidates))
     heal_cfg = HealConfig(max_minutes=cfg.heal_minutes)  # validates the budget before any work
     timings: dict[str, float] = {}
 
