@@ -8,7 +8,8 @@ per cut, fitted by least squares on calibration tokens, bridges the two:
                                    Y  that block's output without its MLP term
                                    L  the dense model's state leaving the run's last removed block
 
-T = (M^T M + ridge)^-1 M^T (L - Y) is folded into that block's down projection
+T = (M^T M + lam I)^-1 (M^T (L - Y) + lam I), least squares with a ridge towards the
+identity (lam -> infinity leaves the block as it is), is folded into that block's down projection
 (W <- T^T W), so the repaired model has exactly the pruned model's tensors and layout:
 no new parameters, nothing new for the exporters. A cut before the first kept block has
 no block to fold into and is left as it is (the report says so).
@@ -44,7 +45,7 @@ class RepairConfig:
     fit: RepairFit = RepairFit.SEQUENTIAL
     batch_size: int = 4
     max_sequences: int | None = None  # calibration sequences used (None: all)
-    ridge: float = 1e-4  # Tikhonov term, relative to the mean diagonal of M^T M
+    ridge: float = 1e-4  # pull towards T = I (no repair), relative to the mean diagonal of M^T M
 
     def __post_init__(self):
         from compress.methods import enum_choice
@@ -125,7 +126,8 @@ def _solve(acc: dict, ridge: float) -> tuple[torch.Tensor, float, float]:
     """T and the mean squared error per token before (T = I) and after."""
     a, b = acc["A"], acc["B"]
     lam = ridge * float(torch.diagonal(a).mean().clamp_min(1e-12))
-    t = torch.linalg.solve(a + lam * torch.eye(len(a), dtype=a.dtype), b)
+    eye = torch.eye(len(a), dtype=a.dtype)
+    t = torch.linalg.solve(a + lam * eye, b + lam * eye)
 
     def sse(m):  # ||M m - R||^2 from the normal equations
         return float(torch.trace(m.T @ a @ m) - 2 * torch.trace(m.T @ b)) + acc["rr"]

@@ -57,6 +57,13 @@ def test_dense_fit_measures_the_dense_blocks_not_the_pruned_ones():
     assert report.cuts[0]["mse_after"] < 1e-8
 
 
+def test_a_large_ridge_leaves_the_block_as_it_is():
+    dense, pruned, _ = scrambled()
+    before = down(pruned, 1).weight.clone()
+    model, _ = repair_cuts(pruned, dense, tokens(n=8, seq=32), RepairConfig(ridge=1e9))
+    assert torch.allclose(down(model, 1).weight, before, atol=1e-5)
+
+
 def test_folding_equals_applying_the_map_explicitly():
     model = tiny_model(layers=3)
     t = torch.randn(32, 32, generator=torch.Generator().manual_seed(3))
