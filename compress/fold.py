@@ -112,8 +112,8 @@ def fold(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> tuple[nn.Mod
     gates, selection, repaired = None, {}, None
     if n_remove:
         chosen = choose_removal(model, calib, n_remove, cfg.select, cfg.gate, cfg.repair)
-        gates, selection = chosen.gates, {"winner": chosen.winner, "candidates": chosen.table}
-        reference = copy.deepcopy(model) if cfg.repair is not None else None
+        gates, selection = chosen.gates, {"winner": chosen.winner, "repaired": chosen.repaired, "candidates": chosen.table}
+        reference = copy.deepcopy(model) if cfg.repair is not None and chosen.repaired else None
         remove_blocks(model, chosen.removed)
         if reference is not None:
             repaired = asdict(repair_cuts(model, reference, fit, cfg.repair)[1])

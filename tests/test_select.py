@@ -71,12 +71,16 @@ def test_gates_start_from_the_given_logits():
 
 
 def test_fold_records_the_selection_and_the_repair(monkeypatch):
+    from tests.test_peers import own_text
+
     model = tiny_model(layers=6, hidden=64)
-    monkeypatch.setattr(select, "learn_gates", gates_closing([1, 4]))
-    _, report = fold(model, tokens(n=12, seq=16), FoldConfig(
-        removal_rate=1 / 3, group_size=None, select=SelectConfig(candidates="gates", held_back=4)))
-    assert report.selection["winner"] == "gates" and report.removed == [1, 4]
-    assert [c["depth"] for c in report.repair["cuts"]] == [0, 2]
+    monkeypatch.setattr(select, "learn_gates", gates_closing([2, 4]))
+    _, report = fold(model, own_text(model, n=72, seq=24), FoldConfig(
+        removal_rate=1 / 3, group_size=None, select=SelectConfig(candidates="gates")))
+    row = report.selection["candidates"]["gates"]
+    assert report.selection["winner"] == "gates" and report.removed == [2, 4]
+    assert report.selection["repaired"] and row["kl_repaired"] < row["kl"]
+    assert [c["depth"] for c in report.repair["cuts"]] == [1, 2]
 
 
 def test_one_candidate_is_still_scored_unless_nothing_is_held_back(monkeypatch):
@@ -98,3 +102,31 @@ def test_one_candidate_is_still_scored_unless_nothing_is_held_back(monkeypatch):
 def test_bad_selection_settings_are_one_line(kw, match):
     with pytest.raises(ValueError, match=match):
         SelectConfig(**kw)
+
+
+def test_a_repair_that_raises_the_held_back_kl_is_not_kept(monkeypatch):
+    import compress.fold as fold_module
+
+    def damaging_repair(pruned, dense, fit, cfg):
+        with torch.no_grad():
+            pruned.model.layers[0].mlp.down_proj.weight.mul_(50)
+        return pruned, None
+
+    monkeypatch.setattr(select, "repair_cuts", damaging_repair)
+    monkeypatch.setattr(fold_module, "repair_cuts", lambda *a, **k: pytest.fail("a repair that scored worse was applied"))
+    monkeypatch.setattr(select, "learn_gates", gates_closing([2]))
+    model = tiny_model(layers=4)
+    _, report = fold(model, tokens(n=12, seq=16), FoldConfig(
+        removal_rate=0.25, group_size=None, select=SelectConfig(candidates="gates", held_back=4)))
+    row = report.selection["candidates"]["gates"]
+    assert row["kl_repaired"] > row["kl"] and report.selection["repaired"] is False and report.repair is None
+
+
+def test_the_repaired_variant_wins_when_it_scores_lower():
+    from tests.test_peers import own_text
+
+    model = tiny_model(layers=6, hidden=64)
+    chosen = choose_removal(model, own_text(model, n=72, seq=24), 2, SelectConfig(candidates="block_influence"),
+                            repair=RepairConfig())
+    row = chosen.table["block_influence"]
+    assert chosen.repaired == (row["kl_repaired"] < row["kl"])
