@@ -114,7 +114,8 @@ def write_report(state: dict, args) -> None:
              "of each; WikiText is a dev set, measurement only).", "",
              f"Selection (`compress.select`, as `foldgpt compress` runs it): {sel['calib_windows'] - 8} calibration windows "
              f"propose, 8 held back score (KL to dense per token, cuts repaired sequentially). Winner: **{sel['winner']}**; "
-             f"whole selection {sel['seconds'] / 60:.1f} min.", "",
+             f"whole selection {sel['seconds'] / 60:.1f} min (this run scored repaired sets only; `compress.select` now "
+             "scores each set as removed too and keeps a repair only where it lowers the held-back KL).", "",
              "| candidate | removed | held-back KL | propose s | score s |", "|---|---|---|---|---|"]
     for c, r in sel["table"].items():
         lines.append(f"| {c} | {r['removed']} | {r['kl']:.4f} | {r['propose_s']} | {r['score_s']} |")
@@ -141,7 +142,8 @@ def write_report(state: dict, args) -> None:
         ax.bar([x + i * width for x in range(len(by_set))], ys, width, label=f"repair: {f}")
     ax.set_xticks([x + width * (len(fits) - 1) / 2 for x in range(len(by_set))])
     ax.set_xticklabels(["\n".join(v["candidates"]) for v in by_set.values()], fontsize=8)
-    ax.set_ylabel("WikiText-2 perplexity / dense")
+    ax.set_yscale("log")
+    ax.set_ylabel("WikiText-2 perplexity / dense (log)")
     ax.set_title(f"{args.remove} of 30 blocks removed, no cure")
     ax.legend()
     fig.tight_layout()
