@@ -116,7 +116,6 @@ def compress_config(name: str, heal, eval_cfg=None, reference: dict | None = Non
     from compress.data import DataConfig
     from compress.fold import FoldConfig
     from compress.local_heal import LocalHealConfig
-    from compress.methods import given
     from compress.recipe import CompressConfig
     from compress.repair import RepairConfig
     from compress.select import SelectConfig
