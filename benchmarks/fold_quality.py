@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from compress.data import held_out_text  # noqa: F401  (fold_split and gate_settings import it from here)
+from compress.data import held_out_text
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV = ROOT.parent / "shared" / "data" / "dev"

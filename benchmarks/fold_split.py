@@ -25,7 +25,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fold_quality import POINTS, RESULTS, WORK, compress_config, held_out_text
+from fold_quality import POINTS, RESULTS, WORK, compress_config
+
+from compress.data import held_out_text
 
 
 def measure(name: str, text: str, tokens: int) -> dict:

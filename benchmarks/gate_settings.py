@@ -24,7 +24,9 @@ import sys
 import time
 from dataclasses import fields
 
-from fold_quality import RESULTS, held_out_text
+from fold_quality import RESULTS
+
+from compress.data import held_out_text
 from fold_split import measure_dir
 
 
