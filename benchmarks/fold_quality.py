@@ -108,12 +108,15 @@ class Variant(NamedTuple):
     candidates: str | None = None  # compress.select candidates (comma list)
     repair: str | None = None  # compress.repair fit, or "none"
     local_minutes: float | None = None  # compress.local_heal, out of the cure's minutes
+    remove: tuple[int, ...] | None = None  # source blocks to remove (FoldConfig.remove), e.g. another row's choice
+    delta_rank: int | None = None  # compress.delta: per-depth low-rank deltas on shared groups
 
 
 def compress_config(name: str, heal, eval_cfg=None, reference: dict | None = None,
                     heal_sequences: int = HEAL_SEQUENCES, variant: Variant = Variant()):
     """The `compress` run of point `name` (fold_split.py runs the same data and fold stages)."""
     from compress.data import DataConfig
+    from compress.delta import DeltaConfig
     from compress.fold import FoldConfig
     from compress.local_heal import LocalHealConfig
     from compress.recipe import CompressConfig
@@ -125,6 +128,10 @@ def compress_config(name: str, heal, eval_cfg=None, reference: dict | None = Non
     fold = {"select": SelectConfig(candidates=variant.candidates)} if variant.candidates else {}
     if variant.repair:
         fold["repair"] = None if variant.repair == "none" else RepairConfig(fit=variant.repair)
+    if variant.remove is not None:
+        fold["remove"] = list(variant.remove)
+    if variant.delta_rank:
+        fold["delta"] = DeltaConfig(rank=variant.delta_rank)
     return CompressConfig(
         out=str(point_dir(name, variant.tag)), model="default",
         heal_data=DataConfig(num_sequences=p.windows or heal_sequences, seq_len=256, seed=1),

@@ -52,9 +52,15 @@ class ArchAdapter:
         """
         return [name for name, mod in block.named_modules() if name and _is_norm(mod)]
 
-    def per_depth_param_names(self, block: nn.Module) -> list[str]:
+    def norm_param_names(self, block: nn.Module) -> list[str]:
         norms = self.block_norm_names(block)
         return [n for n, _ in block.named_parameters() if any(n.startswith(p + ".") for p in norms)]
+
+    def per_depth_param_names(self, block: nn.Module) -> list[str]:
+        """Norm weights and low-rank deltas (compress.delta): each depth's own, even in a shared group."""
+        deltas = [name for name, mod in block.named_modules() if type(mod).__name__ == "LowRankDelta"]
+        return self.norm_param_names(block) + [
+            n for n, _ in block.named_parameters() if any(n.startswith(p + ".") for p in deltas)]
 
     def shared_param_names(self, block: nn.Module) -> list[str]:
         per_depth = set(self.per_depth_param_names(block))

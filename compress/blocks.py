@@ -18,7 +18,8 @@ from torch import nn
 
 from compress.adapter import get_adapter
 
-FOLD_FORMAT_VERSION = 1
+FOLD_FORMAT_VERSION = 2  # 2: per-depth low-rank deltas (compress.delta); 1 still loads
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 
 def fold_info(model: nn.Module) -> dict:

@@ -17,6 +17,11 @@ member's own inputs, W^T = (sum_d G_d)^-1 sum_d G_d W_d^T with G_d = X_d^T X_d t
 matrix of depth d's inputs to that Linear (off-diagonals scaled by `regmean_alpha`, as
 in the paper). A plain mean averages weights of blocks that were never trained to agree;
 RegMean weights each member by the directions its inputs actually use.
+
+With `delta` set, every depth of a shared group then gets its own low-rank correction,
+started from the SVD of (its own weights - the shared ones) (compress.delta); the
+deltas count as unique parameters, so planning by `num_unique_blocks` merges more pairs
+to pay for them.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from tqdm.auto import tqdm
 from compress.adapter import get_adapter
 from compress.blocks import count_parameters, fold_info, remove_blocks, share_blocks
 from compress.capture import Replay
+from compress.delta import DeltaConfig, add_deltas
 from compress.importance import GateConfig, GateResult
 from compress.repair import RepairConfig, repair_cuts
 from compress.select import SelectConfig, choose_removal
@@ -54,6 +60,8 @@ class FoldConfig:
     gate: GateConfig | None = None  # defaults derived from removal_rate
     select: SelectConfig = field(default_factory=SelectConfig)  # which removal: candidates scored on held-back windows
     repair: RepairConfig | None = field(default_factory=RepairConfig)  # closed-form map at each cut; None: off
+    remove: list[int] | None = None  # source blocks to remove, chosen elsewhere: skips the selection
+    delta: DeltaConfig | None = None  # per-depth low-rank deltas on shared groups; they count as unique parameters
 
     def __post_init__(self):
         if not 0 <= self.removal_rate < 1:
@@ -66,12 +74,17 @@ class FoldConfig:
             raise ValueError(f"num_unique_blocks must be >= 1, got {self.num_unique_blocks}")
         if not 0 < self.regmean_alpha <= 1:
             raise ValueError(f"regmean_alpha must be in (0, 1], got {self.regmean_alpha}")
+        if self.delta is not None and self.group_size is not None and self.group_size < 2:
+            raise ValueError("deltas need shared groups: group_size 1 shares nothing")
 
     def num_remove(self, num_layers: int) -> int:
-        return round(self.removal_rate * num_layers)
+        return len(set(self.remove)) if self.remove is not None else round(self.removal_rate * num_layers)
 
     def check(self, num_layers: int) -> None:
         """Everything that can be rejected before heavy work, given the model's depth."""
+        bad = [b for b in self.remove or [] if not (isinstance(b, int) and 0 <= b < num_layers)]
+        if bad:
+            raise ValueError(f"cannot remove blocks {bad}: the model has blocks 0..{num_layers - 1}")
         n_remove = self.num_remove(num_layers)
         kept = num_layers - n_remove
         if kept < 1:
@@ -81,11 +94,22 @@ class FoldConfig:
         if self.num_unique_blocks is not None:
             if self.num_unique_blocks > kept:
                 raise ValueError(f"num_unique_blocks {self.num_unique_blocks} exceeds the {kept} retained blocks")
+            if self.delta is not None and self.num_unique_blocks >= kept:
+                raise ValueError(f"deltas need shared groups: {self.num_unique_blocks} unique blocks for "
+                                 f"{kept} retained blocks shares nothing")
             if self.num_unique_blocks * self.max_group_size < kept:
                 raise ValueError(
                     f"{kept} retained blocks cannot fit in {self.num_unique_blocks} groups of at most "
                     f"{self.max_group_size} (raise max_group_size)"
                 )
+
+
+    def check_model(self, model: nn.Module) -> None:
+        """What needs the model's layer shapes: a delta rank or Linear name, and whether the
+        unique-block budget can pay for the deltas. Raises ValueError in one line."""
+        if self.delta is not None:
+            self.delta.targets(get_adapter(model).get_layers(model)[0])
+            _check_delta_budget(model, self)
 
 
 @dataclass
@@ -98,23 +122,30 @@ class FoldReport:
     params: dict = field(default_factory=dict)
     selection: dict = field(default_factory=dict)  # winner and every removal candidate with its held-back KL
     repair: dict | None = None  # compress.repair.RepairReport, when cuts were repaired
+    deltas: dict | None = None  # depth -> {linear: relative error of the delta's SVD start}
 
 
 def fold(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> tuple[nn.Module, FoldReport]:
     """Remove the chosen blocks, repair the cuts, share the rest in groups; edits `model` in place."""
     layers = get_adapter(model).get_layers(model)
     cfg.check(len(layers))
+    cfg.check_model(model)
     before = count_parameters(model)
     n_remove = cfg.num_remove(len(layers))
     fit = cfg.select.split(calib)[0]
     if n_remove and cfg.repair is not None:
         cfg.repair.check(fit, model.config.hidden_size)  # before any heavy work
     gates, selection, repaired = None, {}, None
-    if n_remove:
+    if cfg.remove is not None:  # a set chosen elsewhere: nothing to select, the repair as configured
+        removed_now, repair_it = sorted(set(cfg.remove)), cfg.repair is not None
+        selection = {"winner": "given", "repaired": repair_it, "candidates": {}}
+    elif n_remove:
         chosen = choose_removal(model, calib, n_remove, cfg.select, cfg.gate, cfg.repair)
         gates, selection = chosen.gates, {"winner": chosen.winner, "repaired": chosen.repaired, "candidates": chosen.table}
-        reference = copy.deepcopy(model) if cfg.repair is not None and chosen.repaired else None
-        remove_blocks(model, chosen.removed)
+        removed_now, repair_it = chosen.removed, cfg.repair is not None and chosen.repaired
+    if n_remove:
+        reference = copy.deepcopy(model) if repair_it else None
+        remove_blocks(model, removed_now)
         if reference is not None:
             repaired = asdict(repair_cuts(model, reference, fit, cfg.repair)[1])
             del reference
@@ -130,6 +161,9 @@ def fold(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> tuple[nn.Mod
     scores: dict[str, float] = {}
     sources: dict[int, str] = {}
     merged = {b: scorer.candidate(depths, choices[b][0]) for b, depths in enumerate(groups) if b in choices}
+    current = get_adapter(model).get_layers(model)  # `layers` is the stack before removal
+    originals = ({d: {n: current[d].get_parameter(n).detach().clone() for n in _shared_names(model, d)}
+                  for b in choices for d in groups[b]} if cfg.delta is not None else {})
     for b, depths in enumerate(groups):
         if b not in choices:
             sources[b] = f"depth {depths[0]}"
@@ -139,6 +173,7 @@ def fold(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> tuple[nn.Mod
         _install(model, depths, merged[b])
         sources[b] = best if isinstance(best, str) else f"depth {best}"
     share_blocks(model, schedule)
+    deltas = add_deltas(model, originals, cfg.delta) if originals else None
     after = count_parameters(model)
     params = {
         "source_effective": before.effective, "source_unique": before.unique,
@@ -147,7 +182,7 @@ def fold(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> tuple[nn.Mod
         "unique_reduction": 1 - after.unique / before.unique,
         "effective_reduction": 1 - after.effective / before.effective,
     }
-    return model, FoldReport(gates, removed, schedule, sources, scores, params, selection, repaired)
+    return model, FoldReport(gates, removed, schedule, sources, scores, params, selection, repaired, deltas)
 
 
 @register_method("foldgpt", FoldConfig, heal_minutes=DEFAULT_HEAL_MINUTES, configured_by_fold=True)
@@ -164,17 +199,53 @@ def plan_groups(model: nn.Module, scorer: "ShareScorer", cfg: FoldConfig) -> lis
         size = cfg.group_size or 1
         return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
     groups = [[d] for d in range(n)]
+    delta = _delta_share(model, cfg)
     with tqdm(total=n - cfg.num_unique_blocks, desc="planning shared groups") as bar:
-        while len(groups) > cfg.num_unique_blocks:
+        while _unique_blocks(groups, delta) > cfg.num_unique_blocks + 1e-9:
             options = []
             for i in range(len(groups) - 1):
                 merged = groups[i] + groups[i + 1]
                 if len(merged) <= cfg.max_group_size:
                     options.append((min(scorer.best(merged)[1].values()), i))
+            if not options:
+                raise ValueError(f"cannot reach {cfg.num_unique_blocks} unique blocks with groups of at most "
+                                 f"{cfg.max_group_size} (deltas cost {delta:.3f} block per shared depth)")
             _, i = min(options)
             groups[i : i + 2] = [groups[i] + groups[i + 1]]
             bar.update(1)
     return groups
+
+
+def _delta_share(model: nn.Module, cfg: FoldConfig) -> float:
+    """One depth's deltas as a fraction of a block's parameters (0 without deltas)."""
+    if cfg.delta is None:
+        return 0.0
+    block = get_adapter(model).get_layers(model)[0]
+    return cfg.delta.params_per_depth(block) / sum(p.numel() for p in block.parameters())
+
+
+def _unique_blocks(groups: list[list[int]], delta: float) -> float:
+    """Unique parameters of a grouping in blocks: one per group, plus each shared depth's deltas."""
+    return len(groups) + delta * sum(len(g) for g in groups if len(g) > 1)
+
+
+def _check_delta_budget(model: nn.Module, cfg: FoldConfig) -> None:
+    """With deltas, groups of max_group_size must still fit num_unique_blocks: say so before heavy work."""
+    if cfg.num_unique_blocks is None:
+        return
+    kept = len(get_adapter(model).get_layers(model)) - cfg.num_remove(len(get_adapter(model).get_layers(model)))
+    size = cfg.max_group_size
+    densest = [list(range(i, min(i + size, kept))) for i in range(0, kept, size)]
+    delta = _delta_share(model, cfg)
+    if _unique_blocks(densest, delta) > cfg.num_unique_blocks + 1e-9:
+        raise ValueError(f"{cfg.num_unique_blocks} unique blocks cannot hold {kept} retained blocks with rank "
+                         f"{cfg.delta.rank} deltas ({delta:.3f} block per shared depth): lower the rank or raise "
+                         "num_unique_blocks / max_group_size")
+
+
+def _shared_names(model: nn.Module, depth: int) -> list[str]:
+    adapter = get_adapter(model)
+    return adapter.shared_param_names(adapter.get_layers(model)[depth])
 
 
 def best_candidate(model: nn.Module, calib: torch.Tensor, depths: list[int], cfg: FoldConfig) -> tuple[int | str, dict]:

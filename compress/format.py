@@ -2,7 +2,8 @@
 
 A folded model is a directory:
   config.json        the Hugging Face config, plus a `fold` section
-                     (format_version, schedule, shared / per_depth tensor names, provenance)
+                     (format_version, schedule, shared / per_depth tensor names, provenance,
+                     and since version 2 `deltas`: {depth: {linear: rank}}, compress.delta)
   model.safetensors  each unique tensor exactly once; a block's shared tensors are
                      stored under the name of its first depth
   tokenizer files, generation_config.json
@@ -27,7 +28,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compress.adapter import get_adapter
-from compress.blocks import FOLD_FORMAT_VERSION, count_parameters, fold_info, schedule_of, share_blocks, validate_schedule
+from compress.delta import attach_deltas, delta_spec
+from compress.blocks import FOLD_FORMAT_VERSION, READABLE_FORMAT_VERSIONS, count_parameters, fold_info, schedule_of, share_blocks, validate_schedule
 # export/ reads compress only through this module: the output rules come with the format
 from compress.outputs import Kind, check_output, replace_path, sync_files  # noqa: F401
 
@@ -43,6 +45,7 @@ def _fold_section(model: nn.Module) -> dict:
         schedule=schedule_of(model),
         shared=adapter.shared_param_names(block),
         per_depth=adapter.per_depth_param_names(block),
+        deltas=delta_spec(model),
     )
     return info
 
@@ -120,14 +123,14 @@ def load_folded(path: str | os.PathLike, dtype: torch.dtype | None = None):
     config = AutoConfig.from_pretrained(path)
     get_adapter(config)
     if fold is not None:
-        if fold.get("format_version") != FOLD_FORMAT_VERSION:
-            raise ValueError(f"{path}: fold format_version {fold.get('format_version')!r}, this foldgpt reads {FOLD_FORMAT_VERSION}")
+        check_format_version(path, fold)
         validate_schedule(fold["schedule"], config.num_hidden_layers)
     tensors = _read_safetensors(weights)
     dtype = dtype or next(iter(tensors.values())).dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if fold is not None:
         share_blocks(model, fold["schedule"])
+        attach_deltas(model, fold.get("deltas") or {})
     expected = _unique_state(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -144,6 +147,16 @@ def load_folded(path: str | os.PathLike, dtype: torch.dtype | None = None):
     if fold is not None:
         model.config.fold = fold
     return model, _load_tokenizer(path)
+
+
+def check_format_version(path: str | os.PathLike, fold: dict) -> None:
+    """One line for a directory this foldgpt cannot read (a newer format, or no version)."""
+    version = fold.get("format_version")
+    if version not in READABLE_FORMAT_VERSIONS:
+        newer = isinstance(version, int) and version > FOLD_FORMAT_VERSION
+        raise ValueError(f"{path}: fold format_version {version!r} "
+                         + ("was written by a newer foldgpt; upgrade foldgpt to read it" if newer
+                            else f"is not one this foldgpt reads ({', '.join(map(str, READABLE_FORMAT_VERSIONS))})"))
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:

@@ -289,7 +289,7 @@ def _save_checkpoint(accelerator, ckpt: Path, state: HealState) -> None:
 
 
 def _param_groups(model: nn.Module, cfg: HealConfig, lora: list[nn.Module]) -> list[dict]:
-    """Trainable: every decoder block (shared weights + per-depth norms) and the final
+    """Trainable: every decoder block (shared weights + per-depth norms and deltas) and the final
     norm; LoRA factors instead of the block weights when lora_rank > 0. The tied
     embedding/head stays frozen unless `train_embeddings`: it is a fifth of the model and
     shared with the dense teacher's vocabulary."""
@@ -298,8 +298,9 @@ def _param_groups(model: nn.Module, cfg: HealConfig, lora: list[nn.Module]) -> l
         p.requires_grad_(False)
     norms, weights, seen = [], [], set()
     for layer in adapter.get_layers(model):
-        for name in adapter.per_depth_param_names(layer):
-            norms.append(layer.get_parameter(name))
+        norm_names = set(adapter.norm_param_names(layer))
+        for name in adapter.per_depth_param_names(layer):  # norms, and deltas (compress.delta) at the weights' rate
+            (norms if name in norm_names else weights).append(layer.get_parameter(name))
         if not lora:
             for name in adapter.shared_param_names(layer):
                 p = layer.get_parameter(name)

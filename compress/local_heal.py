@@ -1,17 +1,20 @@
-"""Block-local healing at each cut, before the end-to-end cure.
+"""Block-local healing at each cut and in each shared group, before the end-to-end cure.
 
 The cure's step is a forward and backward of the whole model and its head (on the
 default model the head alone costs as much as 8 blocks), so in minutes it takes few
-steps. Most of what a removal breaks is local: the kept block before a cut hands the
-next block a state it was never trained on. Training just that block (its weights and
-norms) to reproduce the dense model's state at the cut's far side costs one block per
-step, so the same minutes buy many more steps there.
+steps. Most of what a fold breaks is local, and local training costs one block a step:
 
-For each cut, shallow to deep (compress.repair.find_cuts; a cut before every block has
-no block to train), the pruned model's input to that block and the dense state leaving
-the run are captured once for `pool` healing windows, on the model as healed so far,
-and the block is trained on them by MSE (or 1 - cosine) with AdamW. A block that shares
-its weights with other depths is left to the cure (training it here would move them too).
+- a cut: the kept block before it hands the next block a state it was never trained
+  on. That block (weights and norms) is trained to reproduce the dense model's state at
+  the cut's far side from the pruned model's own input (as healed so far), shallow to
+  deep (compress.repair.find_cuts; a cut before every block has no block to train).
+- a shared group: its one set of weights now serves several depths. The group's base,
+  each depth's deltas (compress.delta) and norms are trained together so that every
+  depth reproduces its dense block's output (the dense state entering the next kept
+  source block, so a cut after the depth is covered too) from cached dense inputs.
+
+Inputs and targets are captured once for `pool` healing windows; AdamW on MSE (or 1 -
+cosine); the minutes are split over the units by how many blocks a step of each runs.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.adapter import get_adapter
-from compress.blocks import schedule_of
+from compress.blocks import fold_info, schedule_of
 from compress.capture import block_io
 from compress.repair import find_cuts
 
@@ -38,14 +41,15 @@ class LocalLoss(str, Enum):
 
 @dataclass
 class LocalHealConfig:
-    max_minutes: float | None = 4.0  # for all cuts together, split evenly
-    max_steps: int | None = None  # per cut
+    max_minutes: float | None = 4.0  # for all cuts and groups together, split by blocks per step
+    max_steps: int | None = None  # per cut or group
     pool: int = 64  # healing windows whose block inputs and dense targets are captured per cut
     batch_size: int = 4
     lr: float = 1e-4
     norm_lr: float = 1e-3
     loss: LocalLoss = LocalLoss.MSE
     eval_windows: int = 8  # of the pool, kept out of training to report the error before / after
+    groups: bool = True  # also train each shared group (base, deltas, norms) towards its dense blocks
     seed: int = 0
 
     def __post_init__(self):
@@ -65,6 +69,7 @@ class LocalHealConfig:
 @dataclass
 class LocalHealReport:
     cuts: list[dict] = field(default_factory=list)  # depth, removed, steps, seconds, eval loss before / after
+    groups: list[dict] = field(default_factory=list)  # depths, source depths, steps, seconds, eval loss before / after
     skipped: list[dict] = field(default_factory=list)
 
 
@@ -80,68 +85,109 @@ def _run(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 
 def local_heal(model: nn.Module, dense: nn.Module, data: torch.Tensor, cfg: LocalHealConfig) -> tuple[nn.Module, LocalHealReport]:
-    """Train the block before each cut of `model` (edited in place) towards `dense`, the
-    model it was pruned from, on windows of `data` (LongTensor [n, seq]). Raises ValueError
-    when nothing was removed or there are fewer windows than the pool needs."""
-    cuts = find_cuts(model)
-    if not cuts:
-        raise ValueError("nothing was removed: there is no cut to heal")
-    if len(data) < cfg.pool:
-        raise ValueError(f"local healing captures {cfg.pool} windows per cut; only {len(data)} were given")
+    """Train the block before each cut of `model` (edited in place), and each shared group,
+    towards `dense`, the model it was folded from, on windows of `data` (LongTensor [n, seq]).
+    Raises ValueError when nothing was removed or shared, or there are fewer windows than
+    the pool needs."""
     schedule = schedule_of(model)
+    shared = {b for b in schedule if schedule.count(b) > 1}
+    all_cuts = find_cuts(model)
+    groups = [[d for d, b in enumerate(schedule) if b == blk] for blk in sorted(shared)] if cfg.groups else []
+    if not all_cuts and not groups:
+        raise ValueError("nothing was removed or shared: there is no cut or group to heal locally")
+    if len(data) < cfg.pool:
+        raise ValueError(f"local healing captures {cfg.pool} windows per unit; only {len(data)} were given")
     report = LocalHealReport()
-    report.skipped = [{"removed": c.removed, "why": "no kept block before the cut"} for c in cuts if c.depth < 0]
-    report.skipped += [{"removed": c.removed, "why": f"depth {c.depth} is shared"} for c in cuts
-                       if c.depth >= 0 and schedule.count(schedule[c.depth]) > 1]
-    cuts = [c for c in cuts if c.depth >= 0 and schedule.count(schedule[c.depth]) == 1]
-    if not cuts:
+    report.skipped = [{"removed": c.removed, "why": "no kept block before the cut"} for c in all_cuts if c.depth < 0]
+    report.skipped += [{"removed": c.removed, "why": f"depth {c.depth} is shared"
+                        + (" (trained with its group)" if cfg.groups else "")}
+                       for c in all_cuts if c.depth >= 0 and schedule[c.depth] in shared]
+    cuts = [c for c in all_cuts if c.depth >= 0 and schedule[c.depth] not in shared]
+    if not cuts and not groups:
         return model, report
-    adapter = get_adapter(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     pool = data[torch.randperm(len(data), generator=gen)[: cfg.pool]]
-    seconds = None if cfg.max_minutes is None else cfg.max_minutes * 60 / len(cuts)
+    depth_steps = sum(len(g) for g in groups) + len(cuts)  # blocks one step of every unit runs
+    seconds = None if cfg.max_minutes is None else cfg.max_minutes * 60 / depth_steps
+    adapter = get_adapter(model)
+    layers = adapter.get_layers(model)
+    norms = {id(layer.get_parameter(n)) for layer in layers for n in adapter.norm_param_names(layer)}
     for c in tqdm(cuts, desc="local healing at the cuts"):
         t0 = time.monotonic()
-        xs, ys, kw = [], [], None
-        with torch.no_grad():
-            for i in range(0, len(pool), cfg.batch_size):
-                batch = pool[i : i + cfg.batch_size]
-                io = block_io(model, batch, inputs=[c.depth], kwargs=[c.depth])
-                xs.append(io.inputs[c.depth])
-                kw = io.kwargs[c.depth]
-                ys.append(block_io(dense, batch, outputs=[c.target]).outputs[c.target])
-        x, y = torch.cat(xs), torch.cat(ys)  # (pool, T, H)
-        n_train = len(x) - cfg.eval_windows
-        block = adapter.get_layers(model)[c.depth]
-        norms = set(adapter.per_depth_param_names(block))
-        params = dict(block.named_parameters())
-        was = {n: p.requires_grad for n, p in params.items()}
-        for p in params.values():
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW([{"params": [p for n, p in params.items() if n not in norms], "lr": cfg.lr},
-                                 {"params": [p for n, p in params.items() if n in norms], "lr": cfg.norm_lr}],
-                                weight_decay=0.0)
-
-        def evaluate() -> float:
-            with torch.no_grad():
-                return _loss(_run(block, x[n_train:], _expand(kw, cfg.eval_windows)), y[n_train:], cfg.loss).item()
-
-        before, step = evaluate(), 0
-        try:
-            while (cfg.max_steps is None or step < cfg.max_steps) and (seconds is None or time.monotonic() - t0 < seconds):
-                idx = torch.randint(n_train, (min(cfg.batch_size, n_train),), generator=gen)
-                loss = _loss(_run(block, x[idx], _expand(kw, len(idx))), y[idx], cfg.loss)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                step += 1
-        finally:
-            for n, p in params.items():
-                p.requires_grad_(was[n])
-        report.cuts.append({"depth": c.depth, "removed": c.removed, "steps": step,
+        x, kw = _capture(model, pool, [c.depth], cfg.batch_size, inputs=True)
+        y, _ = _capture(dense, pool, [c.target], cfg.batch_size, inputs=False)
+        steps, before, after = _train([layers[c.depth]], x, y, kw, cfg, seconds, gen, norms)
+        report.cuts.append({"depth": c.depth, "removed": c.removed, "steps": steps,
                             "seconds": round(time.monotonic() - t0, 1), "loss": cfg.loss.value,
-                            "eval_before": round(before, 6), "eval_after": round(evaluate(), 6)})
+                            "eval_before": round(before, 6), "eval_after": round(after, 6)})
+    if groups:
+        src = fold_info(model)["provenance"]["source_depths"]
+        n = fold_info(model)["provenance"]["source_num_layers"]
+        for depths in tqdm(groups, desc="local healing of shared groups"):
+            t0 = time.monotonic()
+            targets = [(src[d + 1] if d + 1 < len(src) else n) - 1 for d in depths]  # dense block leaving the next input
+            x, kw = _capture(dense, pool, [src[d] for d in depths], cfg.batch_size, inputs=True)
+            y, _ = _capture(dense, pool, targets, cfg.batch_size, inputs=False)
+            budget = None if seconds is None else seconds * len(depths)
+            steps, before, after = _train([layers[d] for d in depths], x, y, kw, cfg, budget, gen, norms)
+            report.groups.append({"depths": depths, "source_depths": [src[d] for d in depths], "steps": steps,
+                                  "seconds": round(time.monotonic() - t0, 1), "loss": cfg.loss.value,
+                                  "eval_before": round(before, 6), "eval_after": round(after, 6)})
     return model, report
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, pool: torch.Tensor, depths: list[int], batch_size: int,
+             inputs: bool) -> tuple[list[torch.Tensor], dict]:
+    """The states entering (or leaving) `depths` of `model` for every pool window, and the
+    first depth's call keyword arguments (mask, rotary embeddings: the same at every depth)."""
+    parts: list[list[torch.Tensor]] = [[] for _ in depths]
+    kw = None
+    for i in range(0, len(pool), batch_size):
+        batch = pool[i : i + batch_size]
+        io = (block_io(model, batch, inputs=depths, kwargs=depths[:1]) if inputs
+              else block_io(model, batch, outputs=depths))
+        states = io.inputs if inputs else io.outputs
+        for part, d in zip(parts, depths):
+            part.append(states[d])
+        kw = io.kwargs[depths[0]] if inputs else kw
+    return [torch.cat(p) for p in parts], kw
+
+
+def _train(blocks: list[nn.Module], xs: list[torch.Tensor], ys: list[torch.Tensor], kw: dict,
+           cfg: LocalHealConfig, seconds: float | None, gen: torch.Generator, norms: set[int]) -> tuple[int, float, float]:
+    """AdamW on the mean loss of `blocks[i](xs[i]) ~ ys[i]` over the blocks' unique parameters
+    (shared weights once, each depth's norms and deltas; `norms`: ids of norm weights, at
+    norm_lr); returns (steps, eval loss before, eval loss after)."""
+    params = list({id(p): p for b in blocks for p in b.parameters()}.values())
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in norms], "lr": cfg.lr},
+                             {"params": [p for p in params if id(p) in norms], "lr": cfg.norm_lr}], weight_decay=0.0)
+    n_train = len(xs[0]) - cfg.eval_windows
+
+    def loss_on(idx) -> torch.Tensor:
+        return sum(_loss(_run(b, x[idx], _expand(kw, len(x[idx]))), y[idx], cfg.loss)
+                   for b, x, y in zip(blocks, xs, ys)) / len(blocks)
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return loss_on(slice(n_train, None)).item()
+
+    t0, step = time.monotonic(), 0
+    before = evaluate()
+    try:
+        while (cfg.max_steps is None or step < cfg.max_steps) and (seconds is None or time.monotonic() - t0 < seconds):
+            loss = loss_on(torch.randint(n_train, (min(cfg.batch_size, n_train),), generator=gen))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    finally:
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+    return step, before, evaluate()
 
 
 def _expand(kwargs: dict, batch: int) -> dict:

@@ -146,6 +146,8 @@ def compress(cfg: CompressConfig) -> Path:
 
 def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
     dense, tokenizer = load_model(cfg.model, cfg.dtype)
+    if cfg.peer is None:
+        cfg.fold.check_model(dense)  # what needs the layer shapes (delta ranks), before the text is made
     timings: dict[str, float] = {}
 
     # 1. data
@@ -160,7 +162,9 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
 
     # 2. fold
     t = time.monotonic()
-    fold_settings = {**data_settings, "fold": asdict(cfg.fold)}
+    # fields added since a setting's first release enter the key only when set, so older work dirs still resume
+    fold_settings = {**data_settings, "fold": {k: v for k, v in asdict(cfg.fold).items()
+                                               if not (k in ("remove", "delta") and v is None)}}
     if cfg.peer is not None:  # FoldGPT's settings keep their old form, so its work dirs still resume
         fold_settings.update(method=cfg.method, peer=asdict(method_cfg))
     elif cfg.fold.gate is None:  # the gates' defaults choose the blocks: record them in the key

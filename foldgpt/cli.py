@@ -63,8 +63,18 @@ def _name_path(spec: str) -> tuple[str, str]:
     return (name, path) if sep else (Path(spec).stem, spec)
 
 
+def _block_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise SystemExit(f"--remove: expected a comma list of block numbers, got {text!r}") from None
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from compress.data import DataConfig
+    from compress.delta import DeltaConfig
     from compress.fold import FoldConfig
     from compress.importance import GateConfig
     from compress.methods import given, heal_config, method_config
@@ -73,6 +83,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from compress.repair import RepairConfig
     from compress.select import SelectConfig
 
+    if args.delta_rank is None and (args.delta_init or args.delta_linears):
+        raise ValueError("--delta-init and --delta-linears need --delta-rank")
     budget = dict(max_minutes=args.heal_minutes, max_steps=args.heal_steps, max_tokens=args.heal_tokens)
     peer = method_config(args.method, num_remove=args.num_remove, span=args.span, replacement=args.replacement,
                          placement=args.placement, train_steps=args.train_steps, train_minutes=args.train_minutes)
@@ -86,7 +98,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
                         num_unique_blocks=args.unique_blocks,
                         gate=GateConfig(num_remove=0, seed=args.seed, **given(steps=args.gate_steps)),
                         select=SelectConfig(**given(candidates=args.removal_candidates, held_back=args.held_back)),
-                        repair=None if args.repair == "none" else RepairConfig(fit=args.repair)),
+                        repair=None if args.repair == "none" else RepairConfig(fit=args.repair),
+                        remove=_block_list(args.remove),
+                        delta=DeltaConfig(args.delta_rank, **given(init=args.delta_init, linears=args.delta_linears))
+                        if args.delta_rank is not None else None),
         local=LocalHealConfig(max_minutes=args.local_minutes, **given(loss=args.local_loss)) if args.local_minutes or args.local_loss else None,
         heal=None if args.no_heal else heal_config(args.method, budget, lora_rank=args.lora_rank, distill=args.distill,
                                                    batch_size=args.batch_size, seed=args.seed),
@@ -232,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the block before each cut towards the dense state after it for this long, "
                         "taken from the cure's --heal-minutes (default: off)")
     p.add_argument("--local-loss", default=None, help="local healing loss: mse (default) or cosine")
+    p.add_argument("--remove", default=None, help="foldgpt: comma list of source blocks to remove, skipping the selection "
+                   "(e.g. a set an earlier run's provenance chose); overrides --removal-rate")
+    p.add_argument("--delta-rank", type=int, default=None,
+                   help="foldgpt: each depth of a shared group gets a low-rank delta of this rank on every shared Linear "
+                        "(counted in the unique parameters; --unique-blocks shares more to pay for them)")
+    p.add_argument("--delta-init", default=None, help="delta start: svd of (own - shared) weights (default) or zero")
+    p.add_argument("--delta-linears", default=None, help="comma list of Linears in a block that get deltas (default: all)")
     p.add_argument("--heal-sequences", type=int, default=192)
     p.add_argument("--gate-steps", type=int, default=None, help="gate training steps (default: GateConfig's)")
     p.add_argument("--seed", type=int, default=0)

@@ -452,6 +452,10 @@ def test_default_gates_are_part_of_the_fold_key(tmp_path, tiny_dir):
     ("--held-back", "12", "12 calibration windows leave none", "load"),
     ("--local-loss", "l1", "unknown local healing loss 'l1'", "load"),
     ("--seq-len", "50000", "data too short", "fold"),  # needs the tokenizer: found by the data stage
+    ("--delta-rank", "0", "delta rank must be a positive integer, got 0", "load"),
+    ("--delta-init", "zero", "--delta-init and --delta-linears need --delta-rank", "load"),
+    ("--remove", "0,9", "cannot remove blocks [9]: the model has blocks 0..5", "load"),
+    ("--delta-rank", "40", "delta rank 40 exceeds min(in, out) = 32 of self_attn.k_proj", "data"),  # needs the shapes
 ])
 def test_compress_bad_input_is_one_line(tmp_path, tiny_dir, capsys, flag, value, match, before, monkeypatch):
     import compress.recipe as recipe
@@ -460,6 +464,8 @@ def test_compress_bad_input_is_one_line(tmp_path, tiny_dir, capsys, flag, value,
     monkeypatch.setattr(recipe, "run_method", lambda *a, **k: pytest.fail("heavy work started before the check"))
     if before == "load":
         monkeypatch.setattr(recipe, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    if before == "data":
+        monkeypatch.setattr(recipe, "build_sequences", lambda *a, **k: pytest.fail("text made before the check"))
     args = compress_args(tmp_path, tiny_dir)
     if flag in args:
         args[args.index(flag) + 1] = value

@@ -43,7 +43,7 @@ def test_config_json_has_fold_section(tmp_path):
     fold = json.loads((tmp_path / "m" / "config.json").read_text())["fold"]
     assert fold["schedule"] == [0, 0, 1, 1, 2]
     assert "self_attn.q_proj.weight" in fold["shared"] and "input_layernorm.weight" in fold["per_depth"]
-    assert fold["format_version"] == 1
+    assert fold["format_version"] == 2
 
 
 def test_bytes_on_disk_within_one_percent_of_unique(tmp_path):

@@ -27,19 +27,43 @@ def test_local_healing_lowers_each_cuts_held_out_error(loss):
     assert all(torch.equal(a, b) for a, b in zip(untouched, model.model.layers[0].parameters()))
 
 
-def test_shared_blocks_and_a_leading_cut_are_left_to_the_cure():
+def test_without_groups_shared_blocks_and_a_leading_cut_are_left_to_the_cure():
     dense = tiny_model(layers=6, hidden=64)
     pruned = share_blocks(remove_blocks(copy.deepcopy(dense), [0, 3]), [0, 1, 1, 2])
-    _, report = local_heal(pruned, dense, tokens(n=16, seq=16), LocalHealConfig(max_steps=2, pool=16))
-    assert report.cuts == []
+    _, report = local_heal(pruned, dense, tokens(n=16, seq=16), LocalHealConfig(max_steps=2, pool=16, groups=False))
+    assert report.cuts == [] and report.groups == []
     assert [s["why"] for s in report.skipped] == ["no kept block before the cut", "depth 1 is shared"]
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_a_shared_group_trains_towards_each_depths_dense_block(rank):
+    """Depths 1-2 share (source blocks 2 and 4, block 3 removed): the group's base, norms and
+    deltas train so each depth reproduces its dense output; the cut after depth 1 is the group's."""
+    from compress.delta import DeltaConfig, add_deltas
+
+    dense = tiny_model(layers=6, hidden=64)
+    model = remove_blocks(copy.deepcopy(dense), [0, 3])  # source depths [1, 2, 4, 5]
+    own = {d: {n: p.detach().clone() for n, p in model.model.layers[d].named_parameters()} for d in (1, 2)}
+    share_blocks(model, [0, 1, 1, 2])
+    if rank:
+        add_deltas(model, own, DeltaConfig(rank=rank))
+    other = [p.clone() for p in model.model.layers[0].parameters()]
+    _, report = local_heal(model, dense, tokens(n=24, seq=16),
+                           LocalHealConfig(max_minutes=None, max_steps=40, pool=24, lr=3e-3))
+    assert report.cuts == [] and [g["depths"] for g in report.groups] == [[1, 2]]
+    group = report.groups[0]
+    assert group["source_depths"] == [2, 4] and group["steps"] == 40
+    assert group["eval_after"] < group["eval_before"]
+    assert all(torch.equal(a, b) for a, b in zip(other, model.model.layers[0].parameters()))  # depth 0: neither
+    layers = model.model.layers
+    assert layers[1].mlp.up_proj.weight is layers[2].mlp.up_proj.weight  # still shared after training
 
 
 def test_bad_input_is_one_line():
     dense = tiny_model(layers=4)
-    with pytest.raises(ValueError, match="nothing was removed"):
+    with pytest.raises(ValueError, match="nothing was removed or shared"):
         local_heal(copy.deepcopy(dense), dense, tokens(n=16, seq=16), LocalHealConfig(max_steps=1, pool=16))
-    with pytest.raises(ValueError, match="captures 64 windows per cut; only 8 were given"):
+    with pytest.raises(ValueError, match="captures 64 windows per unit; only 8 were given"):
         local_heal(remove_blocks(copy.deepcopy(dense), [1]), dense, tokens(n=8, seq=16), LocalHealConfig(max_steps=1))
     with pytest.raises(ValueError, match="unknown local healing loss 'l1'"):
         LocalHealConfig(loss="l1")
