@@ -61,6 +61,7 @@ class HealConfig:
     lora_rank: int = 0  # 0: full fine-tune of the blocks; >0: LoRA on each shared Linear
     lora_alpha: float = 16.0
     train_embeddings: bool = False  # also train the (tied) embedding / head: every weight, as LayerChop does
+    last_blocks: int | None = None  # train only the last k depths (weights, deltas, norms) + final norm (arXiv 2411.15558)
     teacher_cache_mb: float = 2048.0  # keep the teacher's final hidden states up to this size (0: recompute every step)
     checkpoint_every: int = 25
     seed: int = 0
@@ -77,6 +78,8 @@ class HealConfig:
             raise ValueError("batch_size and checkpoint_every must be positive")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.last_blocks is not None and self.last_blocks < 1:
+            raise ValueError(f"last_blocks must be >= 1 (None: every block), got {self.last_blocks}")
         if self.teacher_cache_mb < 0:
             raise ValueError(f"teacher_cache_mb must be >= 0, got {self.teacher_cache_mb}")
 
@@ -289,15 +292,20 @@ def _save_checkpoint(accelerator, ckpt: Path, state: HealState) -> None:
 
 
 def _param_groups(model: nn.Module, cfg: HealConfig, lora: list[nn.Module]) -> list[dict]:
-    """Trainable: every decoder block (shared weights + per-depth norms and deltas) and the final
-    norm; LoRA factors instead of the block weights when lora_rank > 0. The tied
+    """Trainable: every decoder block (shared weights + per-depth norms and deltas; the last
+    `last_blocks` only, if set) and the final norm; LoRA factors instead of the block weights when lora_rank > 0. The tied
     embedding/head stays frozen unless `train_embeddings`: it is a fifth of the model and
     shared with the dense teacher's vocabulary."""
     adapter = get_adapter(model)
     for p in model.parameters():
         p.requires_grad_(False)
     norms, weights, seen = [], [], set()
-    for layer in adapter.get_layers(model):
+    layers = adapter.get_layers(model)
+    if cfg.last_blocks is not None and cfg.last_blocks > len(layers):
+        raise ValueError(f"last_blocks {cfg.last_blocks} exceeds the model's {len(layers)} depths")
+    # the last k only: the backward pass then stops at depth n - k (a shared weight still
+    # gets the gradient of its earlier uses)
+    for layer in layers[len(layers) - (cfg.last_blocks or len(layers)):]:
         norm_names = set(adapter.norm_param_names(layer))
         for name in adapter.per_depth_param_names(layer):  # norms, and deltas (compress.delta) at the weights' rate
             (norms if name in norm_names else weights).append(layer.get_parameter(name))

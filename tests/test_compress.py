@@ -304,6 +304,20 @@ def test_lora_cure_keeps_sharing_and_changes_weights(tmp_path):
     assert schedule_of(student) == [0, 0, 1, 1]
 
 
+def test_last_blocks_cure_trains_only_the_last_depths(tmp_path):
+    teacher = tiny_model(layers=4, hidden=64, vocab=99)
+    student = copy.deepcopy(teacher)
+    before = [[p.detach().clone() for p in layer.parameters()] for layer in student.model.layers]
+    student, _ = heal(student, teacher, tokens(), HealConfig(max_steps=2, last_blocks=1, lr=1e-2, warmup_steps=1), tmp_path)
+    moved = [not all(torch.equal(a, b) for a, b in zip(old, layer.parameters()))
+             for old, layer in zip(before, student.model.layers)]
+    assert moved == [False, False, False, True]
+    with pytest.raises(ValueError, match="last_blocks 5 exceeds the model's 4 depths"):
+        heal(student, teacher, tokens(), HealConfig(max_steps=1, last_blocks=5), tmp_path / "b")
+    with pytest.raises(ValueError, match="last_blocks must be >= 1"):
+        HealConfig(max_steps=1, last_blocks=0)
+
+
 def test_interrupted_cure_resumes_to_the_same_weights(tmp_path, monkeypatch):
     teacher = tiny_model(layers=4, hidden=64, vocab=99)
     start, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.0, gate=GateConfig(num_remove=0, steps=1)))
