@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     args = ap.parse_args()
     if not (Path(args.student) / "config.json").is_file():
-        raise SystemExit(f"{args.student}: not a folded model directory (run benchmarks/fold_quality.py first)")
+        raise SystemExit(f"{args.student}: not a folded model directory (run benchmarks/quality.py first)")
     torch.manual_seed(0)
     teacher, _ = load_model("default")
     student, _ = load_folded(args.student)

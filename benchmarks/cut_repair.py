@@ -44,7 +44,7 @@ def main() -> None:
     from compress.repair import RepairConfig, repair_cuts
     from compress.select import SelectConfig, choose_removal
 
-    from fold_quality import held_out_file  # benchmarks/ is on the path when run as a script
+    from common import held_out_file  # benchmarks/ is on the path when run as a script
 
     torch.manual_seed(0)
     dense, tok = load_model("default")

@@ -1,153 +1,278 @@
 """The quality benchmark: methods x sizes x variants on the default model, one dense reference.
 
     python benchmarks/quality.py --rows foldgpt:p25:removal,foldgpt:p25:share,foldgpt:p25:share-d32,sleb:p25
-    python benchmarks/quality.py --rows all          # every method and FoldGPT variant at p15 / p25 / p36
+    python benchmarks/quality.py --rows all               # every method and FoldGPT's main variants, 3 sizes
+    python benchmarks/quality.py --rows ... --report-only  # rewrite the report from finished rows
 
 A row is METHOD:POINT[:VARIANT]. POINT is the size: p15 / p25 / p36 remove about 15 / 25 /
-36 % of the unique parameters (6 / 10 / 14 blocks' worth of 30). FoldGPT's variants:
+36 % of the unique parameters (6 / 10 / 14 of 30 blocks' worth). FoldGPT's VARIANT is
+BASE[+MOD...]:
 
-    removal     the gates' removal only (the whole size), cuts repaired    work/repair/<pNNrK>
-    share       6 blocks removed (3 at p15), adjacent pairs shared for     work/share/<point>
-                the rest of the size
-    share-dR    share's removed blocks, rank-R per-depth deltas on each    work/share-dR/<point>
-                shared group (compress.delta: shares more pairs to pay
-                for them), 4 of the cure's minutes on block-local healing
-    share-local share with the same 4 local minutes and no deltas          work/share-local/<point>
+    removal   the removal only (the whole size), chosen by the gates, cuts repaired (default)
+    share     6 blocks removed (3 at p15), adjacent pairs shared for the rest of the size
+    share-dR  share's removed blocks; each shared depth gets rank-R deltas (compress.delta;
+              more pairs pay for them), trained block-locally for 4 of the cure's minutes
+    +local    4 of the cure's minutes on block-local healing (cuts, and groups)
+    +logits / +both / +ce   the cure's distillation target (default: final hidden state)
+    +lastK    the cure trains only the last K depths (arXiv 2411.15558)
+    +norepair no closed-form cut repair
+A variant with a MOD, and share-dR, reuse their BASE row's removed blocks (run it first),
+so an ablation changes one thing. Peers (shortgpt, sleb, streamline, layerchop; NAME-nocure
+for shortgpt / sleb without a cure) remove whole blocks of the same size; SLEB and ShortGPT
+get FoldGPT's cure, Streamline's budget trains its replacement, LayerChop continues
+pretraining (compress.methods).
 
-Peers (shortgpt, sleb, streamline, layerchop) run as benchmarks/peers.py runs them. Every
-row is a `compress` run with the same self-generated calibration and healing text and the
-same 20-minute budget; a row whose work dir holds a finished run is reused (the report
-lists each row's directory, so which ones were is visible), an interrupted one resumes.
-Every row is evaluated against one dense result (benchmarks/work/dense_eval.json).
+Every row is a `compress` run with the same self-generated calibration and healing text
+and the same 20-minute budget; its work dir is benchmarks/work/TAG/NAME (FoldGPT) or
+benchmarks/work/peers/METHOD-POINT. A dir holding a finished run with that budget is
+reused (the report lists each row's dir), an interrupted one resumes. All rows are
+evaluated against one dense result (benchmarks/work/dense_eval.json).
 
 Writes benchmarks/results/quality.{json,md} and quality.png. The JSON has `dense` and
-`rows`; a row carries method, point, variant, unique_params, unique_bytes, wikitext2_ppl,
-self_held_out_ppl and the dev accuracies (acc_norm), never per-item lists (those stay in
-the work dirs and feed the paired standard errors of the report's standing section).
-The dev sets (../shared/data/dev) are measurement only: nothing here trains, calibrates
-or selects on them.
+`rows`; each row carries method, point, variant, unique_params, unique_bytes,
+wikitext2_ppl, self_held_out_ppl and the dev accuracies (acc_norm), no per-item lists
+(those stay in the work dirs and feed the paired standard errors in the report).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-from fold_quality import DEV, HEAL_SEQUENCES, RESULTS, Variant, dense_reference, eval_config, point_dir
-from fold_quality import run_point as run_fold_point
-from peers import PEERS, paired_difference
-from peers import point_dir as peer_dir
-from peers import run_point as run_peer_point
+from common import RESULTS, WORK, dense_reference, eval_config, paired_difference, require_dev
 
 POINTS = ("p15", "p25", "p36")
-REMOVAL = {"p15": "p15r6", "p25": "p25r10", "p36": "p36r14"}  # fold_quality points: removal only
-SHARE = {"p15": "p15", "p25": "p25r6", "p36": "p36"}  # fold_quality points: some removed, pairs shared
+BLOCKS = {"p15": 6, "p25": 10, "p36": 14}  # blocks' worth of unique parameters each size removes
+# (base, point) -> FoldGPT's run name (its work dir), removal rate, unique blocks kept
+FOLD_POINTS = {
+    ("removal", "p15"): ("p15r6", 0.2, 24), ("removal", "p25"): ("p25r10", 1 / 3, 20),
+    ("removal", "p36"): ("p36r14", 14 / 30, 16),
+    ("share", "p15"): ("p15", 0.1, 24), ("share", "p25"): ("p25r6", 0.2, 20), ("share", "p36"): ("p36", 0.2, 16),
+}
+PEERS = ("shortgpt", "streamline", "layerchop", "sleb")
+NO_CURE = "-nocure"
+HEAL_SEQUENCES = 256  # 256-token windows of self-generated healing text, every row
 LOCAL_MINUTES = 4.0
-DEFAULT_VARIANT = "removal"  # FoldGPT's row in the standing section: what `foldgpt compress` ships by default
+MAIN_VARIANTS = ("removal", "share", "share-d32")
 
 
-def foldgpt_point(point: str, variant: str) -> tuple[str, Variant, str | None]:
-    """(fold_quality point, its Variant, the variant whose removed blocks it reuses)."""
-    if variant == "removal":
-        return REMOVAL[point], Variant(tag="repair", candidates="gates"), None
-    if variant == "share":
-        return SHARE[point], Variant(tag="share", candidates="gates"), None
-    if variant == "share-local":
-        return SHARE[point], Variant(tag=variant, local_minutes=LOCAL_MINUTES), "share"
-    if variant.startswith("share-d") and variant[7:].isdigit() and int(variant[7:]) > 0:
-        return SHARE[point], Variant(tag=variant, local_minutes=LOCAL_MINUTES, delta_rank=int(variant[7:])), "share"
-    raise SystemExit(f"unknown FoldGPT variant {variant!r}: removal, share, share-local or share-dR (R > 0)")
+def parse_variant(variant: str) -> tuple[str, int | None, list[str]]:
+    """'share-d32+local' -> ('share', 32, ['local']); SystemExit naming the grammar on a bad one."""
+    base, *mods = variant.split("+")
+    rank = None
+    if base.startswith("share-d"):
+        if not (base[7:].isdigit() and int(base[7:]) > 0):
+            raise SystemExit(f"variant {variant!r}: share-dR needs a positive rank R")
+        base, rank = "share", int(base[7:])
+    if base not in ("removal", "share"):
+        raise SystemExit(f"variant {variant!r}: the base must be removal, share or share-dR")
+    for m in mods:
+        if m not in ("local", "logits", "both", "ce", "norepair") and not (m.startswith("last") and m[4:].isdigit()):
+            raise SystemExit(f"variant {variant!r}: unknown modifier {m!r} (local, logits, both, ce, lastK, norepair)")
+    return base, rank, mods
+
+
+def fold_dir(point: str, variant: str) -> Path:
+    """removal -> work/repair/p25r10, share-d32 -> work/share-d32/p25r6, removal+local -> work/repair-local/p25r10."""
+    base, rank, mods = parse_variant(variant)
+    head = "repair" if base == "removal" else f"share-d{rank}" if rank else "share"
+    return WORK / "-".join([head, *mods]) / FOLD_POINTS[(base, point)][0]
+
+
+def fold_config(point: str, variant: str, remove: list[int] | None, args, eval_cfg, reference: dict):
+    from compress.data import DataConfig
+    from compress.delta import DeltaConfig
+    from compress.fold import FoldConfig
+    from compress.heal import HealConfig
+    from compress.local_heal import LocalHealConfig
+    from compress.recipe import CompressConfig
+    from compress.select import SelectConfig
+
+    base, rank, mods = parse_variant(variant)
+    _, rate, unique = FOLD_POINTS[(base, point)]
+    distill = {"logits": "logits", "both": "both", "ce": "none"}
+    cure = {"distill": distill[m] for m in mods if m in distill}
+    cure.update({"last_blocks": int(m[4:]) for m in mods if m.startswith("last")})
+    fold = {"remove": remove} if remove is not None else {"select": SelectConfig(candidates="gates")}
+    if "norepair" in mods:
+        fold["repair"] = None
+    if rank:
+        fold["delta"] = DeltaConfig(rank=rank)
+    local = rank or "local" in mods
+    return CompressConfig(
+        out=str(fold_dir(point, variant)), model="default",
+        heal_data=DataConfig(num_sequences=args.heal_sequences, seq_len=256, seed=1),
+        fold=FoldConfig(removal_rate=rate, group_size=None, num_unique_blocks=unique, **fold),
+        local=LocalHealConfig(max_minutes=LOCAL_MINUTES) if local else None,
+        heal=HealConfig(max_minutes=args.heal_minutes, teacher_cache_mb=0.0, **cure),
+        eval=eval_cfg, eval_reference=reference, resume=True,
+    )
+
+
+def peer_dir(method: str, point: str) -> Path:
+    return WORK / "peers" / f"{method}-{point}"
+
+
+def peer_config(method: str, point: str, args, eval_cfg, reference: dict):
+    from compress.data import DataConfig
+    from compress.layerchop import LayerChopConfig
+    from compress.methods import heal_config
+    from compress.recipe import CompressConfig
+    from compress.shortgpt import ShortGPTConfig
+    from compress.sleb import SLEBConfig
+    from compress.streamline import StreamlineConfig
+
+    blocks, name = BLOCKS[point], method.removesuffix(NO_CURE)
+    peer = {
+        "shortgpt": lambda: ShortGPTConfig(num_remove=blocks),
+        # a span of blocks + 1 replaced by one block, trained for the whole budget
+        "streamline": lambda: StreamlineConfig(span=blocks + 1, train_steps=None, train_minutes=args.heal_minutes),
+        "layerchop": lambda: LayerChopConfig(num_remove=blocks),
+        "sleb": lambda: SLEBConfig(num_remove=blocks, max_sequences=8),
+    }[name]()
+    heal = None if method.endswith(NO_CURE) or name == "streamline" else heal_config(
+        name, {"max_minutes": args.heal_minutes}, teacher_cache_mb=0.0)
+    # Streamline trains on the calibration set: as many windows as the others heal on
+    calib = DataConfig(num_sequences=args.heal_sequences if name == "streamline" else 32, seq_len=256)
+    return CompressConfig(out=str(peer_dir(method, point)), model="default", method=name, calib=calib, peer=peer,
+                          heal_data=DataConfig(num_sequences=args.heal_sequences, seq_len=256, seed=1),
+                          heal=heal, eval=eval_cfg, eval_reference=reference, resume=True)
 
 
 def parse_rows(spec: str) -> list[tuple[str, str, str]]:
-    """'all' or a comma list of METHOD:POINT[:VARIANT] -> [(method, point, variant)], checked up front."""
+    """'all' or a comma list of METHOD:POINT[:VARIANT] -> [(method, point, variant)], all checked up front."""
     if spec == "all":
-        return [(m, p, v) for p in POINTS for m, v in
-                [("foldgpt", "removal"), ("foldgpt", "share"), ("foldgpt", "share-d32")] + [(m, "") for m in PEERS]]
+        return [(m, p, v) for p in POINTS for m, v in [("foldgpt", v) for v in MAIN_VARIANTS] + [(m, "") for m in PEERS]]
     rows = []
     for item in spec.split(","):
         method, _, rest = item.partition(":")
         point, _, variant = rest.partition(":")
         if point not in POINTS:
-            raise SystemExit(f"row {item!r}: point must be one of {', '.join(POINTS)}")
+            raise SystemExit(f"row {item!r}: the point must be one of {', '.join(POINTS)}")
         if method == "foldgpt":
-            foldgpt_point(point, variant or DEFAULT_VARIANT)
-            rows.append((method, point, variant or DEFAULT_VARIANT))
-        elif method in PEERS or method.removesuffix("-nocure") in PEERS:
-            rows.append((method, point, variant))
-        else:
-            raise SystemExit(f"row {item!r}: method must be foldgpt or one of {', '.join(PEERS)}")
+            variant = variant or "removal"
+            parse_variant(variant)
+        elif method.removesuffix(NO_CURE) not in PEERS or (method.endswith(NO_CURE) and method[:-7] not in ("shortgpt", "sleb")):
+            raise SystemExit(f"row {item!r}: the method must be foldgpt, {', '.join(PEERS)}, shortgpt-nocure or sleb-nocure")
+        rows.append((method, point, variant))
     return rows
 
 
-def peer_args(args) -> SimpleNamespace:
-    """What peers.py's run_point reads from its command line, as this benchmark runs every peer."""
-    return SimpleNamespace(heal_minutes=args.heal_minutes, heal_sequences=args.heal_sequences, sleb_sequences=8,
-                           training_free_as_published=False, teacher_cache_mb=0.0)
+def row_dir(method: str, point: str, variant: str) -> Path:
+    return fold_dir(point, variant) if method == "foldgpt" else peer_dir(method, point)
 
 
-def row_dir(method: str, point: str, variant: str, args) -> Path:
-    if method == "foldgpt":
-        name, var, _ = foldgpt_point(point, variant)
-        return point_dir(name, var.tag)
-    return peer_dir(method, point, peer_args(args))[2]
+def budget_of(work: Path) -> float | None:
+    """The training minutes a finished run had: its cure's (plus local healing's), or Streamline's training."""
+    def setting(stage: str, *path: str):
+        file = work / f"{stage}.json"
+        value = json.loads(file.read_text())["settings"] if file.is_file() else None
+        for key in path:
+            value = (value or {}).get(key)
+        return value
+
+    cure = setting("cure", "heal", "max_minutes")
+    if cure is not None:
+        return cure + (setting("local", "local", "max_minutes") or 0)
+    return setting("fold", "peer", "train_minutes")
 
 
 def run_row(method: str, point: str, variant: str, args, eval_cfg, reference: dict) -> dict:
-    """Run (or reuse) one row; returns it in the results' shape plus `_eval` (per-item lists, not saved)."""
-    if method == "foldgpt":
-        name, var, reuse = foldgpt_point(point, variant)
-        if reuse:  # the same removal as that variant's row: run it first, then skip the selection here
-            source = run_row(method, point, reuse, args, eval_cfg, reference)
-            var = var._replace(remove=tuple(source["removed_blocks"]))
-        r = run_fold_point(name, args.heal_minutes, eval_cfg, reference, args.heal_sequences, 0.0, var)
-        out = point_dir(name, var.tag)
+    """Run (or reuse) one row; returns it in the results' shape, plus `_eval` (per-item lists, not saved)."""
+    from compress.recipe import compress
+
+    out = row_dir(method, point, variant)
+    if (out / "eval.json").is_file():
+        ran, asked = budget_of(Path(f"{out}.work")), None if method.endswith(NO_CURE) else args.heal_minutes
+        if ran != asked:
+            raise SystemExit(f"{out} ran with a {ran} min budget, not {asked}: delete it (and {out}.work) to rerun")
+    elif method == "foldgpt":
+        base, rank, mods = parse_variant(variant)
+        remove = None
+        if rank or mods:  # the base row's removal, so the variant changes one thing
+            remove = run_row(method, point, base, args, eval_cfg, reference)["removed_blocks"]
+        compress(fold_config(point, variant, remove, args, eval_cfg, reference))
     else:
-        r = run_peer_point(method, point, peer_args(args), eval_cfg, reference)
-        out = Path(r["dir"])
-    folded = r["folded"]
+        compress(peer_config(method, point, args, eval_cfg, reference))
+    prov = json.loads((out / "config.json").read_text())["fold"]["provenance"]
+    folded = json.loads((out / "eval.json").read_text())["folded"]
+    cure = prov.get("cure") or {}
     return {
         "method": method, "point": point, "variant": variant,
-        "unique_params": r["params"]["unique"], "unique_reduction": round(r["params"]["unique_reduction"], 4),
-        "unique_bytes": r["bytes"],
+        "unique_params": prov["params"]["unique"], "unique_reduction": round(prov["params"]["unique_reduction"], 4),
+        "unique_bytes": (out / "model.safetensors").stat().st_size,
         **{f"{text}_ppl": round(ppl, 3) for text, ppl in folded["perplexity"].items()},
         **{task: round(m["acc_norm"], 4) for task, m in folded["tasks"].items()},
-        "removed_blocks": r["removed_blocks"], "schedule": r.get("schedule") or (r.get("report") or {}).get("schedule"),
-        "cure_steps": (r["cure"] or {}).get("steps"), "cure_minutes": round((r["cure"] or {}).get("seconds", 0) / 60, 1),
-        "local_heal": bool(r.get("local_heal")), "dir": str(out.relative_to(RESULTS.parent.parent)),
-        "_eval": folded,
+        "removed_blocks": prov["removed_blocks"],
+        "schedule": json.loads((out / "config.json").read_text())["fold"]["schedule"],
+        "cure_steps": cure.get("steps"), "cure_minutes": round(cure.get("seconds", 0) / 60, 1),
+        "local_heal": bool(prov.get("local_heal")), "deltas": bool(json.loads((out / "config.json").read_text())["fold"].get("deltas")),
+        "dir": str(out.relative_to(WORK.parent.parent)), "_eval": folded,
     }
 
 
-def write_report(dense: dict, rows: list[dict], command: str) -> None:
+def decode_speeds(rows: list[dict], rounds: int, tokens: int) -> dict:
+    """Each row's decode speed beside dense through the runtime harness: torch fp32, every model
+    in one pinned process, alternating rounds; a row's figure is its per-round median ratio to
+    dense (runtime_tests.latency.decode_rounds), so other tenants' load cancels. Fills r["decode"]."""
+    from compress.load import save_dense
+    from runtime_tests.emulate import Isolation, run_isolated
+    from runtime_tests.latency import PRELOAD, decode_summary, round_ratio
+
+    dense = save_dense("default", WORK / "dense")
+    label = {id(r): f"{r['point']} {r['method']} {r['variant']}" for r in rows}
+    vocab = json.loads((dense / "config.json").read_text())["vocab_size"]
+    cores = sorted(os.sched_getaffinity(0))
+    record = run_isolated("runtime_tests.latency:decode_rounds_job",
+                          {"entries": [["dense", "torch", str(dense)]] + [[label[id(r)], "torch", str(WORK.parent.parent / r["dir"])]
+                                                                          for r in rows],
+                           "threads": len(cores), "rounds": rounds, "decode_tokens": tokens, "vocab": vocab},
+                          Isolation(cores=cores, timeout_s=3600), preload=PRELOAD["torch"])
+    if record["status"] != "ok":
+        print(f"decode speeds not measured: {record.get('message')}", flush=True)
+        return record
+    ms = record["result"]["ms_per_token"]
+    for r in rows:
+        r["decode_vs_dense"] = round(round_ratio(ms["dense"], ms[label[id(r)]]), 3)
+    return {"dense": decode_summary(ms["dense"]), "rounds": rounds, "tokens": tokens}
+
+
+def write_report(dense: dict, rows: list[dict], command: str, decode: dict | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     dense_row = {**{f"{t}_ppl": round(p, 3) for t, p in dense["perplexity"].items()},
-                 **{t: round(m["acc_norm"], 4) for t, m in dense["tasks"].items()}}
+                 **{t: round(m["acc_norm"], 4) for t, m in dense["tasks"].items()},
+                 "unique_params": round(rows[0]["unique_params"] / (1 - rows[0]["unique_reduction"]))}
     saved = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-    (RESULTS / "quality.json").write_text(json.dumps({"command": command, "dense": dense_row, "rows": saved}, indent=1))
+    (RESULTS / "quality.json").write_text(json.dumps({"command": command, "dense": dense_row, "rows": saved,
+                                                      "decode": decode}, indent=1))
     tasks = list(dense["tasks"])
+    speed = any("decode_vs_dense" in r for r in rows)
     lines = [
         "# Quality per byte: FoldGPT variants and peers on SmolLM2-135M-Instruct",
         "",
-        f"Reproduce: `{command}` (dev sets from ../shared/data/dev, measurement only; calibration and healing",
-        "text generated by the dense model; every row the same 20-minute budget and the same texts).",
-        "Perplexity in brackets: x dense. Accuracy: acc_norm, in brackets relative to dense.",
+        f"Reproduce: `{command}` (dev sets from ../shared/data/dev, measurement only; calibration and",
+        "healing text generated by the dense model; every row the same 20-minute budget and the same texts).",
+        "Perplexity: in brackets x dense. Accuracy: acc_norm, in brackets relative to dense."
+        + (" Decode: torch fp32 speed x dense, paired rounds." if speed else ""),
         "",
-        "| point | method | variant | unique params | wikitext2 ppl | self held-out ppl | " + " | ".join(tasks) + " | cure |",
-        "|---" * (7 + len(tasks)) + "|",
-        f"| - | dense | - | {rows[0]['unique_params'] / (1 - rows[0]['unique_reduction']) / 1e6:.1f}M | "
-        f"{dense_row['wikitext2_ppl']:.2f} | {dense_row['self_held_out_ppl']:.2f} | "
-        + " | ".join(f"{dense_row[t]:.3f}" for t in tasks) + " | - |",
+        "| point | method | variant | unique params | wikitext2 ppl | self held-out ppl | " + " | ".join(tasks)
+        + " | cure |" + (" decode |" if speed else ""),
+        "|---" * (7 + len(tasks) + speed) + "|",
+        f"| - | dense | - | {dense_row['unique_params'] / 1e6:.1f}M | {dense_row['wikitext2_ppl']:.2f} | "
+        f"{dense_row['self_held_out_ppl']:.2f} | " + " | ".join(f"{dense_row[t]:.3f}" for t in tasks) + " | - |"
+        + (" 1.00x |" if speed else ""),
     ]
     for r in sorted(rows, key=lambda r: (POINTS.index(r["point"]), r["method"] != "foldgpt", r["method"], r["variant"])):
-        cells = [r["point"], r["method"], r["variant"] or "-",
-                 f"{r['unique_params'] / 1e6:.1f}M (-{r['unique_reduction']:.0%})"]
+        cells = [r["point"], r["method"], r["variant"] or "-", f"{r['unique_params'] / 1e6:.1f}M (-{r['unique_reduction']:.0%})"]
         cells += [f"{r[k]:.2f} ({r[k] / dense_row[k]:.2f}x)" for k in ("wikitext2_ppl", "self_held_out_ppl")]
         cells += [f"{r[t]:.3f} ({r[t] / dense_row[t]:.0%})" for t in tasks]
         cells.append(f"{r['cure_steps']} steps, {r['cure_minutes']:g} min" + (" + local" if r["local_heal"] else ""))
+        cells += [f"{r['decode_vs_dense']:.2f}x" if "decode_vs_dense" in r else "-"] if speed else []
         lines.append("| " + " | ".join(cells) + " |")
     lines += standing(rows)
     lines += ["", "Rows and their work dirs (a finished dir is reused on a rerun):", ""]
@@ -158,22 +283,22 @@ def write_report(dense: dict, rows: list[dict], command: str) -> None:
 
 
 def standing(rows: list[dict]) -> list[str]:
-    """At each size: FoldGPT's best row by WikiText perplexity against every other row, accuracy
-    differences paired over the same items (+- one SE; 'clear' beyond two)."""
-    lines = ["", "Where FoldGPT stands (its row with the lowest WikiText perplexity at each size against every",
-             "other method's; accuracy differences paired over the same items, +- one SE, 'clear' beyond two):", ""]
+    """At each size: FoldGPT's row with the lowest WikiText perplexity against every peer row,
+    accuracy differences paired over the same items (+- one SE; 'clear' beyond two)."""
+    lines = ["", "Where FoldGPT stands (at each size its row with the lowest WikiText perplexity against every peer",
+             "row; accuracy differences paired over the same items, +- one SE, 'clear' beyond two):", ""]
     for point in POINTS:
         mine = [r for r in rows if r["point"] == point and r["method"] == "foldgpt"]
         others = [r for r in rows if r["point"] == point and r["method"] != "foldgpt"]
         if not mine:
             continue
         best = min(mine, key=lambda r: r["wikitext2_ppl"])
+        head = f"FoldGPT {best['variant']} wikitext2 {best['wikitext2_ppl']:.1f}"
         if not others:
-            lines.append(f"- {point}: FoldGPT {best['variant']} {best['wikitext2_ppl']:.1f}; no peer run at this size in this series")
+            lines.append(f"- {point}: {head}; no peer run at this size in this series")
             continue
         lower = [f"{r['method']} {r['wikitext2_ppl']:.1f}" for r in others if r["wikitext2_ppl"] < best["wikitext2_ppl"]]
-        parts = [f"FoldGPT {best['variant']} wikitext2 {best['wikitext2_ppl']:.1f}, "
-                 + (f"beaten by {', '.join(lower)}" if lower else "no peer lower")]
+        parts = [head + ", " + (f"beaten by {', '.join(lower)}" if lower else "no peer lower")]
         for task, m in best["_eval"]["tasks"].items():
             diffs = [(r["method"], *paired_difference(r["_eval"]["tasks"][task], m)) for r in others]
             ahead = [f"{n} +{d * 100:.1f} +- {se * 100:.1f} pts{' (clear)' if d > 2 * se else ''}" for n, d, se in diffs if d > 0]
@@ -191,12 +316,11 @@ def plot(dense: dict, rows: list[dict], tasks: list[str]) -> None:
 
     panels = ["wikitext2_ppl", *tasks]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4))
-    dense_params = rows[0]["unique_params"] / (1 - rows[0]["unique_reduction"]) / 1e6
     for ax, key in zip(axes, panels):
         for label in dict.fromkeys(f"{r['method']} {r['variant']}".strip() for r in rows):
             pts = sorted((r["unique_params"] / 1e6, r[key]) for r in rows if f"{r['method']} {r['variant']}".strip() == label)
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
-        ax.scatter([dense_params], [dense[key]], color="black", marker="*", s=80, label="dense")
+        ax.scatter([dense["unique_params"] / 1e6], [dense[key]], color="black", marker="*", s=80, label="dense")
         ax.set_title(key)
         ax.set_xlabel("unique parameters (M)")
     axes[0].set_yscale("log")
@@ -210,27 +334,30 @@ def plot(dense: dict, rows: list[dict], tasks: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="all", help="'all' or a comma list of METHOD:POINT[:VARIANT]")
-    ap.add_argument("--heal-minutes", type=float, default=20.0)
+    ap.add_argument("--heal-minutes", type=float, default=20.0, help="every row's training budget")
     ap.add_argument("--heal-sequences", type=int, default=HEAL_SEQUENCES)
     ap.add_argument("--limit", type=int, default=300, help="items per multiple-choice task")
     ap.add_argument("--ppl-tokens", type=int, default=32768)
-    ap.add_argument("--report-only", action="store_true", help="rewrite the report from finished rows; run nothing")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the finished rows; run nothing")
+    ap.add_argument("--decode-rounds", type=int, default=0, help="timed decode rounds over every row's model at the end")
+    ap.add_argument("--decode-tokens", type=int, default=64)
     args = ap.parse_args()
-    if not DEV.is_dir():
-        raise SystemExit(f"{DEV} not found: this benchmark needs the development sets beside the repository")
+    require_dev()
     wanted = parse_rows(args.rows)
     eval_cfg = eval_config(args.limit, args.ppl_tokens)
     reference = dense_reference(eval_cfg)
-    command = f"python benchmarks/quality.py --rows {args.rows}"
+    command = "python benchmarks/quality.py " + shlex.join(a for a in sys.argv[1:] if a != "--report-only")
     rows = []
     for method, point, variant in wanted:
-        t = time.monotonic()
-        if args.report_only and not (row_dir(method, point, variant, args) / "eval.json").is_file():
+        if args.report_only and not (row_dir(method, point, variant) / "eval.json").is_file():
             print(f"{method}:{point}:{variant}: not run, left out")
             continue
+        t = time.monotonic()
         rows.append(run_row(method, point, variant, args, eval_cfg, reference))
         print(f"{method}:{point}:{variant}: {(time.monotonic() - t) / 60:.1f} min", flush=True)
         write_report(reference, rows, command)
+    decode = decode_speeds(rows, args.decode_rounds, args.decode_tokens) if args.decode_rounds and rows else None
+    write_report(reference, rows, command, decode)
     print((RESULTS / "quality.md").read_text())
 
 
