@@ -27,6 +27,13 @@ from torch import nn
 from compress.adapter import get_adapter
 
 
+class DeltaBase(str, Enum):
+    SCORED = "scored"  # the shared weights fold picks by KL without deltas (a member, the mean or RegMean)
+    FIRST = "first"  # the group's first member: its own depth starts exact
+    MEAN = "mean"
+    REGMEAN = "regmean"
+
+
 class DeltaInit(str, Enum):
     SVD = "svd"  # truncated SVD of (W_depth - W_shared): the best rank-r start
     ZERO = "zero"  # LoRA's start: A random, B = 0, so the delta begins as nothing
@@ -37,11 +44,13 @@ class DeltaConfig:
     rank: int = 16
     init: DeltaInit = DeltaInit.SVD
     linears: tuple[str, ...] | None = None  # Linear names in a block (e.g. "mlp.down_proj"); None: every shared Linear
+    base: DeltaBase = DeltaBase.SCORED  # what the deltas correct: with deltas the best base may differ
 
     def __post_init__(self):
         from compress.methods import enum_choice
 
         self.init = enum_choice(DeltaInit, self.init, "delta init")
+        self.base = enum_choice(DeltaBase, self.base, "delta base")
         if isinstance(self.linears, str):
             self.linears = tuple(n for n in self.linears.split(",") if n)
         if not isinstance(self.rank, int) or self.rank < 1:

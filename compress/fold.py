@@ -158,6 +158,9 @@ def fold(model: nn.Module, calib: torch.Tensor, cfg: FoldConfig) -> tuple[nn.Mod
     # every choice is scored on the unchanged model first, then all are installed
     choices = {b: scorer.best(depths) for b, depths in enumerate(tqdm(groups, desc="choosing shared weights"))
                if len(depths) > 1}
+    forced = cfg.delta.base.value if cfg.delta is not None and cfg.delta.base.value != "scored" else None
+    if forced:  # the deltas' base as configured, the scores kept for the record
+        choices = {b: (groups[b][0] if forced == "first" else forced, table) for b, (_, table) in choices.items()}
     scores: dict[str, float] = {}
     sources: dict[int, str] = {}
     merged = {b: scorer.candidate(depths, choices[b][0]) for b, depths in enumerate(groups) if b in choices}

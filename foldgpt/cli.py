@@ -83,8 +83,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from compress.repair import RepairConfig
     from compress.select import SelectConfig
 
-    if args.delta_rank is None and (args.delta_init or args.delta_linears):
-        raise ValueError("--delta-init and --delta-linears need --delta-rank")
+    if args.delta_rank is None and (args.delta_init or args.delta_linears or args.delta_base):
+        raise ValueError("--delta-init, --delta-base and --delta-linears need --delta-rank")
     budget = dict(max_minutes=args.heal_minutes, max_steps=args.heal_steps, max_tokens=args.heal_tokens)
     peer = method_config(args.method, num_remove=args.num_remove, span=args.span, replacement=args.replacement,
                          placement=args.placement, train_steps=args.train_steps, train_minutes=args.train_minutes)
@@ -100,7 +100,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                         select=SelectConfig(**given(candidates=args.removal_candidates, held_back=args.held_back)),
                         repair=None if args.repair == "none" else RepairConfig(fit=args.repair),
                         remove=_block_list(args.remove),
-                        delta=DeltaConfig(args.delta_rank, **given(init=args.delta_init, linears=args.delta_linears))
+                        delta=DeltaConfig(args.delta_rank, **given(init=args.delta_init, linears=args.delta_linears,
+                                                                   base=args.delta_base))
                         if args.delta_rank is not None else None),
         local=LocalHealConfig(max_minutes=args.local_minutes, **given(loss=args.local_loss)) if args.local_minutes or args.local_loss else None,
         heal=None if args.no_heal else heal_config(args.method, budget, lora_rank=args.lora_rank, distill=args.distill, last_blocks=args.last_blocks,
@@ -255,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="foldgpt: each depth of a shared group gets a low-rank delta of this rank on every shared Linear "
                         "(counted in the unique parameters; --unique-blocks shares more to pay for them)")
     p.add_argument("--delta-init", default=None, help="delta start: svd of (own - shared) weights (default) or zero")
+    p.add_argument("--delta-base", default=None,
+                   help="shared weights the deltas correct: scored (default: as without deltas), first, mean or regmean")
     p.add_argument("--delta-linears", default=None, help="comma list of Linears in a block that get deltas (default: all)")
     p.add_argument("--heal-sequences", type=int, default=192)
     p.add_argument("--gate-steps", type=int, default=None, help="gate training steps (default: GateConfig's)")

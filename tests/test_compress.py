@@ -467,7 +467,7 @@ def test_default_gates_are_part_of_the_fold_key(tmp_path, tiny_dir):
     ("--local-loss", "l1", "unknown local healing loss 'l1'", "load"),
     ("--seq-len", "50000", "data too short", "fold"),  # needs the tokenizer: found by the data stage
     ("--delta-rank", "0", "delta rank must be a positive integer, got 0", "load"),
-    ("--delta-init", "zero", "--delta-init and --delta-linears need --delta-rank", "load"),
+    ("--delta-init", "zero", "--delta-init, --delta-base and --delta-linears need --delta-rank", "load"),
     ("--remove", "0,9", "cannot remove blocks [9]: the model has blocks 0..5", "load"),
     ("--delta-rank", "40", "delta rank 40 exceeds min(in, out) = 32 of self_attn.k_proj", "data"),  # needs the shapes
 ])

@@ -133,6 +133,19 @@ def test_fold_with_deltas_shares_more_to_keep_the_unique_budget():
     assert count_parameters(model).unique <= count_parameters(dense).unique - 2 * sum(p.numel() for p in block.parameters())
 
 
+@pytest.mark.parametrize("base", ["first", "mean"])
+def test_a_forced_base_is_what_the_group_shares(base):
+    dense = tiny_model(layers=4, hidden=32)
+    model, report = fold(copy.deepcopy(dense), tokens(), FoldConfig(removal_rate=0.0, group_size=2,
+                                                                    delta=DeltaConfig(rank=2, base=base)))
+    assert report.sources == {0: "depth 0" if base == "first" else base, 1: "depth 2" if base == "first" else base}
+    up = [layer.mlp.up_proj.weight for layer in dense.model.layers]
+    expected = up[0] if base == "first" else (up[0] + up[1]) / 2
+    torch.testing.assert_close(model.model.layers[1].mlp.up_proj.weight, expected)
+    with pytest.raises(ValueError, match="unknown delta base 'median'"):
+        DeltaConfig(base="median")
+
+
 def test_bad_delta_input_is_one_line_before_heavy_work():
     with pytest.raises(ValueError, match="delta rank must be a positive integer, got 0"):
         DeltaConfig(rank=0)
