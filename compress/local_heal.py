@@ -70,6 +70,7 @@ class LocalHealConfig:
 class LocalHealReport:
     cuts: list[dict] = field(default_factory=list)  # depth, removed, steps, seconds, eval loss before / after
     groups: list[dict] = field(default_factory=list)  # depths, source depths, steps, seconds, eval loss before / after
+    seconds: float = 0.0  # the whole stage, captures included: what max_minutes bounds
     skipped: list[dict] = field(default_factory=list)
 
 
@@ -105,53 +106,62 @@ def local_heal(model: nn.Module, dense: nn.Module, data: torch.Tensor, cfg: Loca
     cuts = [c for c in all_cuts if c.depth >= 0 and schedule[c.depth] not in shared]
     if not cuts and not groups:
         return model, report
+    t_start = time.monotonic()
+    deadline = None if cfg.max_minutes is None else t_start + cfg.max_minutes * 60
     gen = torch.Generator().manual_seed(cfg.seed)
     pool = data[torch.randperm(len(data), generator=gen)[: cfg.pool]]
-    depth_steps = sum(len(g) for g in groups) + len(cuts)  # blocks one step of every unit runs
-    seconds = None if cfg.max_minutes is None else cfg.max_minutes * 60 / depth_steps
     adapter = get_adapter(model)
     layers = adapter.get_layers(model)
     norms = {id(layer.get_parameter(n)) for layer in layers for n in adapter.norm_param_names(layer)}
-    for c in tqdm(cuts, desc="local healing at the cuts"):
+    src = fold_info(model)["provenance"]["source_depths"]
+    n = fold_info(model)["provenance"]["source_num_layers"]
+    targets = {d: (src[d + 1] if d + 1 < len(src) else n) - 1 for g in groups for d in g}  # dense block leaving the next input
+    # one pass of the dense model gives every group's inputs and targets and every cut's target
+    dense_in, dense_out, dense_kw = _capture(dense, pool, [src[d] for g in groups for d in g],
+                                             list(targets.values()) + [c.target for c in cuts], cfg.batch_size)
+    remaining = sum(len(g) for g in groups) + len(cuts)  # blocks one step of every unit left runs
+
+    def allowance(cost: int, since: float) -> float | None:
+        """The unit's share of the time left (capture included), by the blocks its step runs."""
+        return None if deadline is None else max(0.0, (deadline - since) * cost / remaining - (time.monotonic() - since))
+
+    for depths in tqdm(groups, desc="local healing of shared groups"):
         t0 = time.monotonic()
-        x, kw = _capture(model, pool, [c.depth], cfg.batch_size, inputs=True)
-        y, _ = _capture(dense, pool, [c.target], cfg.batch_size, inputs=False)
-        steps, before, after = _train([layers[c.depth]], x, y, kw, cfg, seconds, gen, norms)
+        x, y = [dense_in[src[d]] for d in depths], [dense_out[targets[d]] for d in depths]
+        steps, before, after = _train([layers[d] for d in depths], x, y, dense_kw, cfg, allowance(len(depths), t0), gen, norms)
+        remaining -= len(depths)
+        report.groups.append({"depths": depths, "source_depths": [src[d] for d in depths], "steps": steps,
+                              "seconds": round(time.monotonic() - t0, 1), "loss": cfg.loss.value,
+                              "eval_before": round(before, 6), "eval_after": round(after, 6)})
+    for c in tqdm(cuts, desc="local healing at the cuts"):  # after the groups: a cut's input is the model's own, as healed
+        t0 = time.monotonic()
+        x, _, kw = _capture(model, pool, [c.depth], [], cfg.batch_size)
+        steps, before, after = _train([layers[c.depth]], [x[c.depth]], [dense_out[c.target]], kw, cfg, allowance(1, t0), gen, norms)
+        remaining -= 1
         report.cuts.append({"depth": c.depth, "removed": c.removed, "steps": steps,
                             "seconds": round(time.monotonic() - t0, 1), "loss": cfg.loss.value,
                             "eval_before": round(before, 6), "eval_after": round(after, 6)})
-    if groups:
-        src = fold_info(model)["provenance"]["source_depths"]
-        n = fold_info(model)["provenance"]["source_num_layers"]
-        for depths in tqdm(groups, desc="local healing of shared groups"):
-            t0 = time.monotonic()
-            targets = [(src[d + 1] if d + 1 < len(src) else n) - 1 for d in depths]  # dense block leaving the next input
-            x, kw = _capture(dense, pool, [src[d] for d in depths], cfg.batch_size, inputs=True)
-            y, _ = _capture(dense, pool, targets, cfg.batch_size, inputs=False)
-            budget = None if seconds is None else seconds * len(depths)
-            steps, before, after = _train([layers[d] for d in depths], x, y, kw, cfg, budget, gen, norms)
-            report.groups.append({"depths": depths, "source_depths": [src[d] for d in depths], "steps": steps,
-                                  "seconds": round(time.monotonic() - t0, 1), "loss": cfg.loss.value,
-                                  "eval_before": round(before, 6), "eval_after": round(after, 6)})
+    report.seconds = round(time.monotonic() - t_start, 1)
     return model, report
 
 
 @torch.no_grad()
-def _capture(model: nn.Module, pool: torch.Tensor, depths: list[int], batch_size: int,
-             inputs: bool) -> tuple[list[torch.Tensor], dict]:
-    """The states entering (or leaving) `depths` of `model` for every pool window, and the
-    first depth's call keyword arguments (mask, rotary embeddings: the same at every depth)."""
-    parts: list[list[torch.Tensor]] = [[] for _ in depths]
+def _capture(model: nn.Module, pool: torch.Tensor, inputs: list[int], outputs: list[int],
+             batch_size: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict | None]:
+    """The states entering `inputs` and leaving `outputs` (depths of `model`) for every pool
+    window, and the call keyword arguments of the first input depth (mask, rotary
+    embeddings: the same at every depth)."""
+    ins: dict[int, list[torch.Tensor]] = {d: [] for d in inputs}
+    outs: dict[int, list[torch.Tensor]] = {d: [] for d in outputs}
     kw = None
     for i in range(0, len(pool), batch_size):
-        batch = pool[i : i + batch_size]
-        io = (block_io(model, batch, inputs=depths, kwargs=depths[:1]) if inputs
-              else block_io(model, batch, outputs=depths))
-        states = io.inputs if inputs else io.outputs
-        for part, d in zip(parts, depths):
-            part.append(states[d])
-        kw = io.kwargs[depths[0]] if inputs else kw
-    return [torch.cat(p) for p in parts], kw
+        io = block_io(model, pool[i : i + batch_size], inputs=list(ins), outputs=list(outs), kwargs=inputs[:1])
+        for d in ins:
+            ins[d].append(io.inputs[d])
+        for d in outs:
+            outs[d].append(io.outputs[d])
+        kw = io.kwargs[inputs[0]] if inputs else None
+    return {d: torch.cat(t) for d, t in ins.items()}, {d: torch.cat(t) for d, t in outs.items()}, kw
 
 
 def _train(blocks: list[nn.Module], xs: list[torch.Tensor], ys: list[torch.Tensor], kw: dict,

@@ -59,6 +59,15 @@ def test_a_shared_group_trains_towards_each_depths_dense_block(rank):
     assert layers[1].mlp.up_proj.weight is layers[2].mlp.up_proj.weight  # still shared after training
 
 
+def test_the_budget_bounds_the_whole_stage_captures_included():
+    dense = tiny_model(layers=6, hidden=64)
+    model = share_blocks(remove_blocks(copy.deepcopy(dense), [3]), [0, 1, 1, 2, 3])
+    _, report = local_heal(model, dense, tokens(n=24, seq=16), LocalHealConfig(max_minutes=0.04, pool=24))
+    assert report.groups and report.cuts
+    assert all(u["steps"] > 0 for u in report.groups + report.cuts)
+    assert report.seconds <= 0.04 * 60 + 1.0  # a unit stops at its share of what is left; one step of slack
+
+
 def test_bad_input_is_one_line():
     dense = tiny_model(layers=4)
     with pytest.raises(ValueError, match="nothing was removed or shared"):
