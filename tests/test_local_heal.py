@@ -61,7 +61,7 @@ def test_a_shared_group_trains_towards_each_depths_dense_block(rank):
 
 def test_the_budget_bounds_the_whole_stage_captures_included():
     dense = tiny_model(layers=6, hidden=64)
-    model = share_blocks(remove_blocks(copy.deepcopy(dense), [3]), [0, 1, 1, 2, 3])
+    model = share_blocks(remove_blocks(copy.deepcopy(dense), [4]), [0, 1, 1, 2, 3])  # cut after depth 3
     _, report = local_heal(model, dense, tokens(n=24, seq=16), LocalHealConfig(max_minutes=0.04, pool=24))
     assert report.groups and report.cuts
     assert all(u["steps"] > 0 for u in report.groups + report.cuts)
