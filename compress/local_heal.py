@@ -85,6 +85,12 @@ def _run(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def has_units(model: nn.Module, cfg: LocalHealConfig) -> bool:
+    """Whether `model` has a cut or (with cfg.groups) a shared group for local healing to train."""
+    schedule = schedule_of(model)
+    return bool(find_cuts(model)) or (cfg.groups and len(set(schedule)) < len(schedule))
+
+
 def local_heal(model: nn.Module, dense: nn.Module, data: torch.Tensor, cfg: LocalHealConfig) -> tuple[nn.Module, LocalHealReport]:
     """Train the block before each cut of `model` (edited in place), and each shared group,
     towards `dense`, the model it was folded from, on windows of `data` (LongTensor [n, seq]).

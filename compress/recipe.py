@@ -34,12 +34,13 @@ from compress.fold import FoldConfig
 from compress.format import load_folded, save_folded
 from compress.heal import HealConfig, heal
 from compress.importance import GateConfig
-from compress.local_heal import LocalHealConfig, local_heal
+from compress.local_heal import LocalHealConfig, has_units, local_heal
 from compress.load import load_depth, load_model
 from compress.methods import get_method, heal_config
 from compress.outputs import Kind, check_output, exclusive, mark
 
 METHOD_DEFAULT = "method default"
+LOCAL_SHARE = 0.2  # of FoldGPT's cure minutes spent on local healing by default (4 of 20 measured best)
 
 
 @dataclass
@@ -53,7 +54,10 @@ class CompressConfig:
     method: str = "foldgpt"  # compress.methods: foldgpt, shortgpt, streamline, layerchop, sleb
     peer: object | None = None  # a peer method's config (None: its defaults)
     heal: HealConfig | None | str = METHOD_DEFAULT  # None: no cure; default: the method's (compress.methods)
-    local: LocalHealConfig | None = None  # block-local healing at the cuts; its minutes come out of the cure's
+    # block-local healing at the cuts and groups; its minutes come out of the cure's. Default: FoldGPT with a
+    # cure in minutes spends LOCAL_SHARE of them here (measured: benchmarks/results/quality.md, p25
+    # removal vs removal+local); other methods, and cures budgeted in steps or tokens, none
+    local: LocalHealConfig | None | str = METHOD_DEFAULT
     eval: object | None = None  # compress.evaluate.EvalConfig
     eval_reference: dict | None = None  # the dense model's evaluate() result, if already measured
     work_dir: str | None = None  # default: OUT + ".work"
@@ -75,6 +79,11 @@ class CompressConfig:
             if self.heal != METHOD_DEFAULT:
                 raise ValueError(f"heal must be a HealConfig, None or {METHOD_DEFAULT!r}, got {self.heal!r}")
             self.heal = heal_config(self.method)
+        if isinstance(self.local, str):
+            if self.local != METHOD_DEFAULT:
+                raise ValueError(f"local must be a LocalHealConfig, None or {METHOD_DEFAULT!r}, got {self.local!r}")
+            timed = method.configured_by_fold and self.heal is not None and self.heal.max_minutes
+            self.local = LocalHealConfig(max_minutes=round(LOCAL_SHARE * self.heal.max_minutes, 3)) if timed else None
         if self.local is not None and self.heal is not None and self.heal.max_minutes and self.local.max_minutes:
             # one budget: the local minutes come out of the cure's
             if self.local.max_minutes >= self.heal.max_minutes:
@@ -180,7 +189,12 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
 
     # 3. local healing at the cuts (a stage of its own: minutes, redone whole if interrupted)
     local_report = None
-    if cfg.local is not None:
+    if cfg.local is not None and not has_units(student, cfg.local):
+        print("local healing: nothing was removed or shared, so there is nothing to heal locally; "
+              f"its {cfg.local.max_minutes} min go back to the cure")
+        if cfg.heal is not None and cfg.heal.max_minutes and cfg.local.max_minutes:
+            cfg.heal = replace(cfg.heal, max_minutes=cfg.heal.max_minutes + cfg.local.max_minutes)
+    elif cfg.local is not None:
         t = time.monotonic()
         fold_settings = {**fold_settings, "local": asdict(cfg.local)}
         if not _claim_stage(work, "local", fold_settings):

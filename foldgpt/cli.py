@@ -63,6 +63,22 @@ def _name_path(spec: str) -> tuple[str, str]:
     return (name, path) if sep else (Path(spec).stem, spec)
 
 
+def _local_config(args: argparse.Namespace):
+    """--local-minutes: unset = the method's default (FoldGPT: a fifth of the cure's minutes), 0 = off."""
+    from compress.local_heal import LocalHealConfig
+    from compress.recipe import METHOD_DEFAULT
+
+    if args.local_minutes is None:
+        if args.local_loss:
+            raise ValueError("--local-loss needs --local-minutes")
+        return METHOD_DEFAULT
+    if args.local_minutes == 0:
+        return None
+    from compress.methods import given
+
+    return LocalHealConfig(max_minutes=args.local_minutes, **given(loss=args.local_loss))
+
+
 def _block_list(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -79,7 +95,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from compress.importance import GateConfig
     from compress.methods import given, heal_config, method_config
     from compress.recipe import CompressConfig, compress
-    from compress.local_heal import LocalHealConfig
     from compress.repair import RepairConfig
     from compress.select import SelectConfig
 
@@ -103,7 +118,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                         delta=DeltaConfig(args.delta_rank, **given(init=args.delta_init, linears=args.delta_linears,
                                                                    base=args.delta_base))
                         if args.delta_rank is not None else None),
-        local=LocalHealConfig(max_minutes=args.local_minutes, **given(loss=args.local_loss)) if args.local_minutes or args.local_loss else None,
+        local=_local_config(args),
         heal=None if args.no_heal else heal_config(args.method, budget, lora_rank=args.lora_rank, distill=args.distill, last_blocks=args.last_blocks,
                                                    batch_size=args.batch_size, seed=args.seed),
         eval=_eval_config(args),
@@ -247,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-back", type=int, default=None, help="foldgpt: calibration windows kept for scoring candidates (default 8)")
     p.add_argument("--repair", default="sequential", help="foldgpt: closed-form map at each cut: sequential, dense or none")
     p.add_argument("--local-minutes", type=float, default=None,
-                   help="train the block before each cut towards the dense state after it for this long, "
-                        "taken from the cure's --heal-minutes (default: off)")
+                   help="train the block before each cut, and each shared group, towards the dense states for this "
+                        "long, taken from the cure's --heal-minutes (default foldgpt: a fifth of them; 0: off)")
     p.add_argument("--local-loss", default=None, help="local healing loss: mse (default) or cosine")
     p.add_argument("--remove", default=None, help="foldgpt: comma list of source blocks to remove, skipping the selection "
                    "(e.g. a set an earlier run's provenance chose); overrides --removal-rate")

@@ -90,6 +90,33 @@ def test_local_minutes_come_out_of_the_cures(tmp_path):
         CompressConfig(out=str(tmp_path / "o"), heal=HealConfig(max_minutes=4), local=LocalHealConfig(max_minutes=4))
 
 
+def test_foldgpt_spends_a_fifth_of_a_timed_cure_on_local_healing_by_default(tmp_path):
+    from compress.heal import HealConfig
+    from compress.recipe import CompressConfig
+
+    cfg = CompressConfig(out=str(tmp_path / "o"), heal=HealConfig(max_minutes=20))
+    assert cfg.local.max_minutes == 4 and cfg.heal.max_minutes == 16
+    assert CompressConfig(out=str(tmp_path / "o"), heal=HealConfig(max_minutes=20), local=None).local is None
+    assert CompressConfig(out=str(tmp_path / "o"), heal=HealConfig(max_steps=5)).local is None  # no minutes to share
+    assert CompressConfig(out=str(tmp_path / "o"), method="shortgpt").local is None
+
+
+def test_nothing_to_heal_locally_is_said_and_the_minutes_go_back_to_the_cure(tmp_path, tiny_dir, capsys):
+    import json
+
+    from foldgpt.cli import main
+    from tests.test_compress import compress_args
+
+    args = compress_args(tmp_path, tiny_dir, "--removal-rate", "0", "--group-size", "1", "--heal-minutes", "0.05")
+    i = args.index("--heal-steps")
+    del args[i : i + 2]  # a cure in minutes, so the default local share applies
+    assert main(args) == 0
+    assert "nothing was removed or shared, so there is nothing to heal locally" in capsys.readouterr().out
+    cure = json.loads((tmp_path / "folded.work" / "cure.json").read_text())["settings"]["heal"]
+    assert cure["max_minutes"] == 0.05
+    assert main(compress_args(tmp_path / "b", tiny_dir, "--local-loss", "cosine")) == 2  # needs --local-minutes
+
+
 def test_compress_runs_the_local_stage_once_and_records_it(tmp_path, tiny_dir, monkeypatch):
     import json
 
