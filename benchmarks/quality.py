@@ -211,9 +211,17 @@ def run_row(method: str, point: str, variant: str, args, eval_cfg, reference: di
         "removed_blocks": prov["removed_blocks"],
         "schedule": json.loads((out / "config.json").read_text())["fold"]["schedule"],
         "cure_steps": cure.get("steps"), "cure_minutes": round(cure.get("seconds", 0) / 60, 1),
-        "local_heal": bool(prov.get("local_heal")), "deltas": bool(json.loads((out / "config.json").read_text())["fold"].get("deltas")),
+        "local_minutes": _local_minutes(prov.get("local_heal")), "deltas": bool(json.loads((out / "config.json").read_text())["fold"].get("deltas")),
         "dir": str(out.relative_to(WORK.parent.parent)), "_eval": folded,
     }
+
+
+def _local_minutes(report: dict | None) -> float | None:
+    """The local stage's wall minutes (runs before the stage bounded its captures too: the units' sum)."""
+    if not report:
+        return None
+    seconds = report.get("seconds") or sum(u["seconds"] for u in report["groups"] + report["cuts"])
+    return round(seconds / 60, 1)
 
 
 def decode_speeds(rows: list[dict], rounds: int, tokens: int) -> dict:
@@ -271,7 +279,8 @@ def write_report(dense: dict, rows: list[dict], command: str, decode: dict | Non
         cells = [r["point"], r["method"], r["variant"] or "-", f"{r['unique_params'] / 1e6:.1f}M (-{r['unique_reduction']:.0%})"]
         cells += [f"{r[k]:.2f} ({r[k] / dense_row[k]:.2f}x)" for k in ("wikitext2_ppl", "self_held_out_ppl")]
         cells += [f"{r[t]:.3f} ({r[t] / dense_row[t]:.0%})" for t in tasks]
-        cells.append(f"{r['cure_steps']} steps, {r['cure_minutes']:g} min" + (" + local" if r["local_heal"] else ""))
+        cells.append(f"{r['cure_steps']} steps, {r['cure_minutes']:g} min"
+                     + (f" + local {r['local_minutes']:g} min" if r["local_minutes"] else ""))
         cells += [f"{r['decode_vs_dense']:.2f}x" if "decode_vs_dense" in r else "-"] if speed else []
         lines.append("| " + " | ".join(cells) + " |")
     lines += standing(rows)
