@@ -100,10 +100,9 @@ def check_paths(model_dir: Path, out: Path, kind, overwrite: bool = False) -> Pa
 def refuse_deltas(model_dir: Path) -> None:
     """Per-depth deltas (compress.delta) have no export yet: the quality benchmark has not shown
     sharing + deltas beating removal at equal bytes on the default model (README, FoldGPT status)."""
-    import json
+    from compress.format import read_fold_section
 
-    config = Path(model_dir) / "config.json"
-    fold = json.loads(config.read_text()).get("fold") if config.is_file() else None
+    fold = read_fold_section(model_dir) if Path(model_dir).is_dir() else None  # its own one-line errors
     if (fold or {}).get("deltas"):
         raise ValueError(f"{model_dir}: has per-depth low-rank deltas, which neither exporter stores yet "
                          "(they did not beat removal at equal bytes; see the README's FoldGPT status)")

@@ -464,7 +464,7 @@ def test_default_gates_are_part_of_the_fold_key(tmp_path, tiny_dir):
     ("--repair", "sideways", "unknown repair fit 'sideways'; choose one of sequential, dense", "load"),
     ("--removal-candidates", "gates,magic", "unknown removal candidate 'magic'", "load"),
     ("--held-back", "12", "12 calibration windows leave none", "load"),
-    ("--local-loss", "l1", "unknown local healing loss 'l1'", "load"),
+    ("--local-loss", "l1", "--local-loss needs --local-minutes", "load"),  # the loss itself: test_local_heal
     ("--seq-len", "50000", "data too short", "fold"),  # needs the tokenizer: found by the data stage
     ("--delta-rank", "0", "delta rank must be a positive integer, got 0", "load"),
     ("--delta-init", "zero", "--delta-init, --delta-base and --delta-linears need --delta-rank", "load"),
