@@ -43,12 +43,12 @@ class LocalLoss(str, Enum):
 class LocalHealConfig:
     max_minutes: float | None = 4.0  # for all cuts and groups together, split by blocks per step
     max_steps: int | None = None  # per cut or group
-    pool: int = 64  # healing windows whose block inputs and dense targets are captured per cut
+    pool: int = 64  # healing windows whose block inputs and dense targets are captured (all, if fewer)
     batch_size: int = 4
     lr: float = 1e-4
     norm_lr: float = 1e-3
     loss: LocalLoss = LocalLoss.MSE
-    eval_windows: int = 8  # of the pool, kept out of training to report the error before / after
+    eval_windows: int = 8  # of the pool (at most a quarter of it), kept out of training to report the error before / after
     groups: bool = True  # also train each shared group (base, deltas, norms) towards its dense blocks
     seed: int = 0
 
@@ -94,16 +94,15 @@ def has_units(model: nn.Module, cfg: LocalHealConfig) -> bool:
 def local_heal(model: nn.Module, dense: nn.Module, data: torch.Tensor, cfg: LocalHealConfig) -> tuple[nn.Module, LocalHealReport]:
     """Train the block before each cut of `model` (edited in place), and each shared group,
     towards `dense`, the model it was folded from, on windows of `data` (LongTensor [n, seq]).
-    Raises ValueError when nothing was removed or shared, or there are fewer windows than
-    the pool needs."""
+    Raises ValueError when nothing was removed or shared, or given fewer than 2 windows."""
     schedule = schedule_of(model)
     shared = {b for b in schedule if schedule.count(b) > 1}
     all_cuts = find_cuts(model)
     groups = [[d for d, b in enumerate(schedule) if b == blk] for blk in sorted(shared)] if cfg.groups else []
     if not all_cuts and not groups:
         raise ValueError("nothing was removed or shared: there is no cut or group to heal locally")
-    if len(data) < cfg.pool:
-        raise ValueError(f"local healing captures {cfg.pool} windows per unit; only {len(data)} were given")
+    if len(data) < 2:
+        raise ValueError(f"local healing needs at least 2 healing windows (one to train on, one to measure); got {len(data)}")
     report = LocalHealReport()
     report.skipped = [{"removed": c.removed, "why": "no kept block before the cut"} for c in all_cuts if c.depth < 0]
     report.skipped += [{"removed": c.removed, "why": f"depth {c.depth} is shared"
@@ -181,7 +180,7 @@ def _train(blocks: list[nn.Module], xs: list[torch.Tensor], ys: list[torch.Tenso
         p.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in norms], "lr": cfg.lr},
                              {"params": [p for p in params if id(p) in norms], "lr": cfg.norm_lr}], weight_decay=0.0)
-    n_train = len(xs[0]) - cfg.eval_windows
+    n_train = len(xs[0]) - min(cfg.eval_windows, max(1, len(xs[0]) // 4))  # a small pool keeps most for training
 
     def loss_on(idx) -> torch.Tensor:
         return sum(_loss(_run(b, x[idx], _expand(kw, len(x[idx]))), y[idx], cfg.loss)

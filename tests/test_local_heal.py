@@ -72,8 +72,10 @@ def test_bad_input_is_one_line():
     dense = tiny_model(layers=4)
     with pytest.raises(ValueError, match="nothing was removed or shared"):
         local_heal(copy.deepcopy(dense), dense, tokens(n=16, seq=16), LocalHealConfig(max_steps=1, pool=16))
-    with pytest.raises(ValueError, match="captures 64 windows per unit; only 8 were given"):
-        local_heal(remove_blocks(copy.deepcopy(dense), [1]), dense, tokens(n=8, seq=16), LocalHealConfig(max_steps=1))
+    with pytest.raises(ValueError, match="needs at least 2 healing windows .*; got 1"):
+        local_heal(remove_blocks(copy.deepcopy(dense), [1]), dense, tokens(n=1, seq=16), LocalHealConfig(max_steps=1))
+    _, report = local_heal(remove_blocks(copy.deepcopy(dense), [1]), dense, tokens(n=8, seq=16), LocalHealConfig(max_steps=1))
+    assert report.cuts[0]["steps"] == 1  # fewer windows than the pool: all of them, a quarter held back
     with pytest.raises(ValueError, match="unknown local healing loss 'l1'"):
         LocalHealConfig(loss="l1")
     with pytest.raises(ValueError, match="needs a budget"):
