@@ -25,7 +25,8 @@ from common import RESULTS, WIKI, WORK, held_out_file, require_dev
 
 SHARE_ROW = WORK / "share-d32" / "p25r6"
 REMOVAL_ROW = WORK / "repair" / "p25r10"
-# name -> (rank, init, base, linears, local); base "scored" = what the row's sharing chose (RegMean here)
+# name -> (rank, init, base, linears, local); base "scored" = what the row's sharing chose per group (read
+# from its provenance; RegMean for every group of the committed row)
 CONFIGS = {
     "removal (10 blocks), local": None,
     "share, no deltas, local": (0, "svd", "scored", None, True),
@@ -71,6 +72,11 @@ def main() -> None:
     fold = json.loads((SHARE_ROW / "config.json").read_text())["fold"]
     schedule = fold["schedule"]
     groups = [[d for d, b in enumerate(schedule) if b == blk] for blk in sorted(set(schedule)) if schedule.count(blk) > 1]
+    blocks = [schedule[g[0]] for g in groups]
+    # what the row's own sharing chose per block: "regmean", "mean" or "depth D" (D in the row's numbering)
+    sources = fold["provenance"]["share_sources"]
+    scored = {blk: sources[str(blk)] if sources[str(blk)] in ("mean", "regmean") else int(sources[str(blk)].split()[1])
+              for blk in blocks}
     fit = SelectConfig().split(calib)[0]
 
     def pruned(removed: list[int]):
@@ -97,8 +103,8 @@ def main() -> None:
             names_of = scorer.adapter.shared_param_names(layers[0])
             own = {d: {n: layers[d].get_parameter(n).detach().clone() for n in names_of} for g in groups for d in g}
             with torch.no_grad():
-                for g in groups:
-                    choice = g[0] if base == "first" else "mean" if base == "mean" else "regmean"
+                for blk, g in zip(blocks, groups):
+                    choice = g[0] if base == "first" else base if base != "scored" else scored[blk]
                     for n, w in scorer.candidate(g, choice).items():
                         layers[g[0]].get_parameter(n).copy_(w)
             share_blocks(model, schedule)

@@ -5,9 +5,10 @@
                  among candidates -> cuts repaired ->
                  shared groups, or a peer's removal
                  (compress.methods)
-    3. local     optional: the block before each cut     work/local/, work/local_report.json
-                 trained towards the dense state after it
-                 (compress.local_heal; minutes taken from the cure's)
+    3. local     the block before each cut, and each     work/local/, work/local_report.json
+                 shared group, trained towards the dense
+                 states (compress.local_heal; FoldGPT's
+                 default: a fifth of the cure's minutes)
     4. cure      fine-tune (the method's kind of cure)  work/cure/checkpoint (resumable)
     5. eval      optional metrics vs the dense model    OUT/eval.json, config.fold.provenance.metrics
     6. save      the folded model with provenance       OUT/
@@ -40,7 +41,7 @@ from compress.methods import get_method, heal_config
 from compress.outputs import Kind, check_output, exclusive, mark
 
 METHOD_DEFAULT = "method default"
-LOCAL_SHARE = 0.2  # of FoldGPT's cure minutes spent on local healing by default (4 of 20 measured best)
+LOCAL_SHARE = 0.2  # of FoldGPT's cure minutes spent on local healing by default (4 of 20 measured better than 0 of 20)
 
 
 @dataclass
