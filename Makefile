@@ -1,11 +1,11 @@
 # The two commands the README promises, set-up included:
 #   make run    the main job on the default model (SmolLM2-135M-Instruct, shipped in a PyPI package)
-#   make test   the test suite
+#   make test   the test suite (make test-fast: without the tests marked slow)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install clean
+.PHONY: run test test-fast install clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ run: install $(VENV)/.peer
 test: install
 	@$(BIN)/python -m pytest -q; s=$$?; \
 	if [ $$s -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$s
+
+# everything but the tests marked slow (the real default model); for a quick loop while editing
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -75,7 +75,7 @@ class FoldConfig:
         if not 0 < self.regmean_alpha <= 1:
             raise ValueError(f"regmean_alpha must be in (0, 1], got {self.regmean_alpha}")
         if self.delta is not None and self.group_size is not None and self.group_size < 2:
-            raise ValueError("deltas need shared groups: group_size 1 shares nothing")
+            raise ValueError("deltas need shared groups: group_size 1 shares nothing (share with group_size >= 2 or num_unique_blocks)")
 
     def num_remove(self, num_layers: int) -> int:
         return len(set(self.remove)) if self.remove is not None else round(self.removal_rate * num_layers)

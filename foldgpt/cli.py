@@ -42,6 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     exports = parse_exports(args.exports) if args.exports else DEFAULT_EXPORTS
     run(RunConfig(model=args.model, dtype=args.dtype, out=args.out, heal_minutes=args.heal_minutes,
+                  removal_rate=args.removal_rate, unique_blocks=args.unique_blocks,
                   bench=not args.no_bench, profile=args.profile, exports=exports, overwrite=args.overwrite))
     return 0
 
@@ -240,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=None, help="streamline: replacement training steps (default 200)")
     p.add_argument("--train-minutes", type=float, default=None, help="streamline: replacement training budget in minutes")
     p.add_argument("--placement", default=None, help="layerchop: which blocks go: last (default), middle or first")
-    p.add_argument("--group-size", type=int, default=2, help="adjacent retained blocks per shared group")
+    p.add_argument("--group-size", type=int, default=1,
+                   help="adjacent retained blocks per shared group (default 1: removal only, which measured better "
+                        "than sharing on the default model, benchmarks/results/quality.md)")
     p.add_argument("--unique-blocks", type=int, default=None, help="instead of --group-size: unique blocks to keep")
     p.add_argument("--heal-minutes", type=float, default=None,
                    help="cure budget in minutes (default: foldgpt and layerchop 20, the others no cure)")
@@ -336,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default="runs/main", help="everything the run makes; rerun to resume")
-    p.add_argument("--heal-minutes", type=float, default=5.0)
+    p.add_argument("--heal-minutes", type=float, default=5.0, help="local healing (a fifth) and the cure")
+    p.add_argument("--removal-rate", type=float, default=1 / 3, help="fraction of blocks removed (default 10 of 30)")
+    p.add_argument("--unique-blocks", type=int, default=20,
+                   help="unique blocks kept; fewer than the kept depths shares adjacent ones (e.g. --removal-rate 0.2)")
     p.add_argument("--profile", default=None, help="phone profile for the harnesses")
     p.add_argument("--exports", default=None,
                    help="BACKEND:PRECISION list (default: onnx:fp32,executorch:8da4w+emb8), e.g. onnx:int4,executorch:fp32")

@@ -2,7 +2,7 @@
 
     1. dense     the source model, saved in the folded format      OUT/dense
     2. compress  FoldGPT at the default point (gates, removal,      OUT/folded (+ OUT/folded.work)
-                 cut repair, sharing, a short cure), then its
+                 cut repair, local healing, a short cure), then its
                  perplexity beside dense on held-out self text       OUT/quality.json
     3. export    ONNX and ExecuTorch, dense and folded, each        OUT/exports/<model>-<backend>-<precision>
                  behind its parity gate
@@ -54,10 +54,11 @@ class RunConfig:
     model: str = DEFAULT_MODEL
     out: str = "runs/main"
     dtype: str = "float32"
-    # 6 of 30 blocks removed, 4 adjacent pairs shared: 24 depths over 20 blocks, ~26% fewer parameters.
-    # Removal-only folds heal better at this size (benchmarks/results/fold_split.md); this split
-    # keeps shared blocks in the main job so its exports show them stored once.
-    removal_rate: float = 0.2
+    # 10 of 30 blocks removed, none shared: 20 depths, ~26% fewer parameters. At this size a
+    # shared pair costs more quality than a removed block of the same bytes, with or without
+    # per-depth deltas (benchmarks/results/quality.md, p25), so the default removes only.
+    # A sharing fold: unique_blocks below the kept depths (e.g. removal_rate 0.2, unique_blocks 20).
+    removal_rate: float = 1 / 3
     unique_blocks: int | None = 20
     heal_minutes: float = 5.0
     heal_sequences: int = 128  # 256-token windows: ~2 passes in a 5-minute cure (64 overfit: 15+ passes in 20 min)
@@ -104,7 +105,7 @@ def run(cfg: RunConfig) -> dict:
     dense_dir = save_dense(cfg.model, out / "dense", cfg.dtype)
     timings["dense_s"] = time.monotonic() - t
 
-    t = _stage("2/4 compress", f"removal {cfg.removal_rate}, unique blocks {cfg.unique_blocks}, cure {cfg.heal_minutes} min")
+    t = _stage("2/4 compress", f"removal {cfg.removal_rate:.3g}, unique blocks {cfg.unique_blocks}, {cfg.heal_minutes} min of healing")
     folded_dir = out / "folded"
     if not (folded_dir / WEIGHTS_NAME).is_file():
         compress(CompressConfig(
@@ -143,9 +144,10 @@ def run(cfg: RunConfig) -> dict:
                                 **({"profile": cfg.profile} if cfg.profile else {}))
         bench_result = bench(bench_cfg)
         timings["bench_s"] = time.monotonic() - t
-        if quality:
-            report = out / "bench" / "report.md"
-            write_atomic(report, report.read_text() + "\n" + quality_section(quality))
+        report = out / "bench" / "report.md"
+        extra = [quality_section(quality)] if quality else []
+        extra.append(timing_section(timings, _compress_timings(folded_dir)))
+        write_atomic(report, report.read_text() + "\n" + "\n".join(extra))
 
     summary = {"config": asdict(cfg), "timings_s": {k: round(v, 1) for k, v in timings.items()}, "quality": quality,
                "exports": exports,
@@ -192,6 +194,29 @@ def quality_section(q: dict) -> str:
         r = q[name]
         lines.append(f"| {name} | {r['perplexity']:.2f} | {r['perplexity'] / dense:.2f}x | {r['depths']} | "
                      f"{r['unique_blocks']} | {r['unique_params'] / 1e6:.1f}M | {r['unique_bytes'] / mb:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _compress_timings(folded_dir: Path) -> dict[str, float]:
+    """The compress stage's own split (data, fold, local, cure), from the folded model's provenance."""
+    config = json.loads((folded_dir / "config.json").read_text())
+    return config.get("fold", {}).get("provenance", {}).get("timings", {})
+
+
+def timing_section(timings: dict[str, float], compress_timings: dict[str, float]) -> str:
+    """The report's per-stage wall time, the compress stage split into its own stages: where
+    the run's minutes went, and how many of them trained the model. A stage a rerun skipped
+    shows the rerun's time (reading its artifact), not the first run's."""
+    names = {"data_s": "self text (calibration + healing)", "fold_s": "selection, removal, repair, sharing",
+             "local_s": "local healing", "cure_s": "cure"}
+    lines = ["## Where the time went", "", "| stage | minutes |", "|---|---|"]
+    for key, label in (("dense_s", "dense"), ("compress_s", "compress"), ("quality_s", "quality"),
+                       ("export_s", "exports"), ("bench_s", "bench")):
+        if key in timings:
+            lines.append(f"| {label} | {timings[key] / 60:.1f} |")
+        if key == "compress_s":
+            lines += [f"| - {label} | {compress_timings[k] / 60:.1f} |" for k, label in names.items() if k in compress_timings]
+    lines.append(f"| **total** | **{sum(timings.values()) / 60:.1f}** |")
     return "\n".join(lines) + "\n"
 
 

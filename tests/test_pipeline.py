@@ -106,3 +106,14 @@ def test_exports_spec_parses_and_rejects_bad_input():
                        ("onnx:int3", "unknown precision"), ("executorch:8da4w+emb2", "suffixes"), (",", "empty")):
         with pytest.raises(ValueError, match=match):
             parse_exports(bad)
+
+
+def test_timing_section_splits_compress_into_its_stages():
+    from foldgpt.pipeline import timing_section
+
+    text = timing_section({"dense_s": 30, "compress_s": 600, "export_s": 300},
+                          {"data_s": 120, "fold_s": 180, "local_s": 60, "cure_s": 240})
+    lines = text.splitlines()
+    assert lines.index("| compress | 10.0 |") < lines.index("| - cure | 4.0 |") < lines.index("| exports | 5.0 |")
+    assert "| - local healing | 1.0 |" in lines and "| **total** | **15.5** |" in lines
+    assert "bench" not in text  # a stage that did not run is not listed
