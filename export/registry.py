@@ -49,10 +49,17 @@ class ExportConfig:
     def from_spec(cls, spec: str, **kwargs) -> "ExportConfig":
         """'8da4w+emb8' -> precision 8da4w with the tied embedding (and head) in 8 bits: the one
         string a benchmark row, a pipeline export and a report key share."""
-        name, _, emb = spec.partition("+")
-        if emb and emb not in ("emb4", "emb8"):
-            raise ValueError(f"precision {spec!r}: the only suffixes are +emb4 and +emb8")
-        return cls(precision=name, embedding_bits=int(emb[3:]) if emb else None, **kwargs)
+        name, bits = split_precision(spec)
+        return cls(precision=name, embedding_bits=bits, **kwargs)
+
+
+def split_precision(spec: str) -> tuple[str, int | None]:
+    """'8da4w+emb8' -> ('8da4w', 8), 'fp32' -> ('fp32', None): the one parser of a precision
+    string, for exports and for the runtime report (which also names runtimes' own, e.g. q4_1)."""
+    name, _, emb = spec.partition("+")
+    if emb and emb not in ("emb4", "emb8"):
+        raise ValueError(f"precision {spec!r}: the only suffixes are +emb4 and +emb8")
+    return name, int(emb[3:]) if emb else None
 
 
 @dataclass(frozen=True)

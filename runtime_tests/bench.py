@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from compress.outputs import Kind, check_output, mark
+from export.registry import split_precision
 from runtime_tests.emulate import Isolation, project_decode, run_isolated, shape_of
 from runtime_tests.latency import DECODE_TOKENS, PRELOAD, PROMPT_LENGTHS, RUNNERS, decode_summary, round_ratio
 from runtime_tests.memory import artifact_bytes, weight_bytes, weights_check
@@ -46,7 +47,7 @@ BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.625, "8da4w"
 
 
 def bytes_per_param(precision: str) -> float:
-    return BYTES_PER_PARAM[precision.partition("+")[0]]
+    return BYTES_PER_PARAM[split_precision(precision)[0]]
 
 
 @dataclass
@@ -76,7 +77,7 @@ class BenchConfig:
                 backend, _, precision = key.partition(":")
                 if backend not in RUNNERS:
                     raise ValueError(f"artifact {key!r}: unknown backend {backend!r}; known: {', '.join(sorted(RUNNERS))}")
-                if (precision or "fp32").partition("+")[0] not in BYTES_PER_PARAM:
+                if split_precision(precision or "fp32")[0] not in BYTES_PER_PARAM:
                     raise ValueError(f"artifact {key!r}: unknown precision; known: {', '.join(BYTES_PER_PARAM)}")
         if self.repeats < 1 or self.rounds < 1 or self.decode_tokens < 1 or not self.prompt_lengths:
             raise ValueError("repeats, rounds and decode_tokens must be at least 1, and prompt_lengths non-empty")

@@ -311,5 +311,7 @@ def test_bench_rejects_bad_input_before_work(models, tmp_path):
         bench(BenchConfig(models={"m": str(models[1])}, profile="nope", out=str(tmp_path)))
     with pytest.raises(ValueError, match="unknown backend"):
         BenchConfig(models={"m": str(models[1])}, artifacts={"m": {"tflite:fp32": "x"}})
+    with pytest.raises(ValueError, match=r"the only suffixes are \+emb4 and \+emb8"):  # parsed as exports parse it
+        BenchConfig(models={"m": str(models[1])}, artifacts={"m": {"executorch:8da4w+emb2": "x"}})
     with pytest.raises(ValueError, match="cores"):
         bench(BenchConfig(models={"m": str(models[1])}, cores=(os.cpu_count() or 1) + 1, out=str(tmp_path)))
