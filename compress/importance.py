@@ -56,7 +56,7 @@ class BudgetUnit(str, Enum):
 
 @dataclass
 class GateConfig:
-    num_remove: int
+    num_remove: int = 0  # blocks to close; fold() sets it from FoldConfig.removal_rate
     # 240 steps of 4 sequences x 64 tokens (4 sub-network samples per step): at 10 of 30 blocks
     # two seeds chose removals of 6.2x / 5.1x dense held-out perplexity, where 60 steps of 2 x 128
     # chose 7.1x-19.4x by seed (benchmarks/results/gate_settings*.md); about 5.5 min on 2 cores

@@ -178,7 +178,7 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
     if cfg.peer is not None:  # FoldGPT's settings keep their old form, so its work dirs still resume
         fold_settings.update(method=cfg.method, peer=asdict(method_cfg))
     elif cfg.fold.gate is None:  # the gates' defaults choose the blocks: record them in the key
-        fold_settings["fold"]["gate"] = asdict(GateConfig(num_remove=0))
+        fold_settings["fold"]["gate"] = asdict(GateConfig())
     if not _claim_stage(work, "fold", fold_settings):
         student, report = run_method(cfg.method, copy.deepcopy(dense), calib, method_cfg)
         save_folded(student, work / "folded", tokenizer, provenance={"source": cfg.model, "method": cfg.method})

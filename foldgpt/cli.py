@@ -112,7 +112,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         fold=FoldConfig(removal_rate=args.removal_rate,
                         group_size=None if args.unique_blocks else args.group_size,
                         num_unique_blocks=args.unique_blocks,
-                        gate=GateConfig(num_remove=0, seed=args.seed, **given(steps=args.gate_steps)),
+                        gate=GateConfig(seed=args.seed, **given(steps=args.gate_steps)),
                         select=SelectConfig(**given(candidates=args.removal_candidates, held_back=args.held_back)),
                         repair=None if args.repair == "none" else RepairConfig(fit=args.repair),
                         remove=_block_list(args.remove),

@@ -96,7 +96,7 @@ def run(cfg: RunConfig) -> dict:
 
     out = mark(check_output(cfg.out, Kind.RUN, inputs=(cfg.model,), overwrite=cfg.overwrite), Kind.RUN)
     fold_cfg = FoldConfig(removal_rate=cfg.removal_rate, group_size=None if cfg.unique_blocks else 2,
-                          num_unique_blocks=cfg.unique_blocks, gate=GateConfig(num_remove=0, **given(steps=cfg.gate_steps)),
+                          num_unique_blocks=cfg.unique_blocks, gate=GateConfig(**given(steps=cfg.gate_steps)),
                           select=SelectConfig(candidates=cfg.removal_candidates))
     heal_cfg = HealConfig(max_minutes=cfg.heal_minutes)  # validates the budget before any work
     timings: dict[str, float] = {}

@@ -160,7 +160,7 @@ def test_fold_schedule_and_unique_params_follow_the_rate():
     block = dense.per_block[0]
     norms = 2 * 64
     model, report = fold(model, tokens(), FoldConfig(removal_rate=1 / 3, group_size=2,
-                                                     gate=GateConfig(num_remove=0, steps=20)))
+                                                     gate=GateConfig(steps=20)))
     assert schedule_of(model) == report.schedule == [0, 0, 1, 1]
     assert model.config.num_hidden_layers == 4 and len(report.removed) == 2
     after = count_parameters(model)
@@ -281,7 +281,7 @@ def test_fold_config_checks_against_depth():
 
 def test_one_cure_step_reduces_the_loss_on_a_fixed_batch(tmp_path):
     teacher = tiny_model(layers=4, hidden=64, vocab=99)
-    student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, gate=GateConfig(num_remove=0, steps=10)))
+    student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, gate=GateConfig(steps=10)))
     batch = tokens(n=4)
     cfg = HealConfig(max_steps=1, batch_size=4, lr=1e-3, warmup_steps=1)
     with torch.no_grad():
@@ -295,7 +295,7 @@ def test_one_cure_step_reduces_the_loss_on_a_fixed_batch(tmp_path):
 
 def test_lora_cure_keeps_sharing_and_changes_weights(tmp_path):
     teacher = tiny_model(layers=4, hidden=64, vocab=99)
-    student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.0, gate=GateConfig(num_remove=0, steps=1)))
+    student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.0, gate=GateConfig(steps=1)))
     w = get_adapter(student).get_layers(student)[0].mlp.up_proj.weight.detach().clone()
     student, _ = heal(student, teacher, tokens(), HealConfig(max_steps=3, lora_rank=4, lr=1e-2, warmup_steps=1), tmp_path)
     layers = get_adapter(student).get_layers(student)
@@ -320,7 +320,7 @@ def test_last_blocks_cure_trains_only_the_last_depths(tmp_path):
 
 def test_interrupted_cure_resumes_to_the_same_weights(tmp_path, monkeypatch):
     teacher = tiny_model(layers=4, hidden=64, vocab=99)
-    start, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.0, gate=GateConfig(num_remove=0, steps=1)))
+    start, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.0, gate=GateConfig(steps=1)))
     data, cfg = tokens(n=12), HealConfig(max_steps=5, checkpoint_every=2, lr=1e-3)
     straight, _ = heal(copy.deepcopy(start), teacher, data, cfg, tmp_path / "a")
 
@@ -368,7 +368,7 @@ def test_teacher_hidden_and_logits_are_the_full_forwards(family):
 
 def test_teacher_cache_runs_each_sequence_once_and_changes_nothing(tmp_path):
     teacher = tiny_model(layers=4, hidden=64, vocab=99)
-    start, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, gate=GateConfig(num_remove=0, steps=1)))
+    start, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, gate=GateConfig(steps=1)))
     data = tokens(n=6)
     rows = []
     base = get_adapter(teacher).get_base(teacher)
@@ -453,7 +453,7 @@ def test_default_gates_are_part_of_the_fold_key(tmp_path, tiny_dir):
     compress(CompressConfig(out=str(tmp_path / "f"), model=str(model), calib=data, heal_data=data, heal=None,
                             fold=FoldConfig(removal_rate=0.34, group_size=2)))
     recorded = json.loads((tmp_path / "f.work" / "fold.json").read_text())["settings"]["fold"]["gate"]
-    assert recorded == {**GateConfig(num_remove=0).__dict__, "budget_unit": "blocks", "temperature": [1.0, 0.05]}
+    assert recorded == {**GateConfig().__dict__, "budget_unit": "blocks", "temperature": [1.0, 0.05]}
 
 
 @pytest.mark.parametrize("flag, value, match, before", [

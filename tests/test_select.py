@@ -52,7 +52,7 @@ def test_proposals_never_see_the_held_back_windows(monkeypatch):
 def test_every_candidate_proposes_a_set_of_the_right_size():
     model = tiny_model(layers=6, hidden=64)
     chosen = choose_removal(model, tokens(n=12, seq=16), 2,
-                            SelectConfig(held_back=4, sleb_sequences=4), GateConfig(num_remove=0, steps=5),
+                            SelectConfig(held_back=4, sleb_sequences=4), GateConfig(steps=5),
                             RepairConfig())
     assert set(chosen.table) == {c.value for c in Candidate}
     for row in chosen.table.values():
