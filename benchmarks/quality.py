@@ -16,6 +16,8 @@ BASE[+MOD...]:
     +logits / +both / +ce   the cure's distillation target (default: final hidden state)
     +lastK    the cure trains only the last K depths (arXiv 2411.15558)
     +norepair no closed-form cut repair
+    +slebset  removal only: the blocks the sleb row at this point removed (run it first), so
+              FoldGPT's repair, local healing and cure meet SLEB's cure on the same set
 A variant with a MOD, and share-dR, reuse their BASE row's removed blocks (run it first),
 so an ablation changes one thing. Peers (shortgpt, sleb, streamline, layerchop; NAME-nocure
 for shortgpt / sleb without a cure) remove whole blocks of the same size; SLEB and ShortGPT
@@ -72,8 +74,10 @@ def parse_variant(variant: str) -> tuple[str, int | None, list[str]]:
     if base not in ("removal", "share"):
         raise SystemExit(f"variant {variant!r}: the base must be removal, share or share-dR")
     for m in mods:
-        if m not in ("local", "logits", "both", "ce", "norepair") and not (m.startswith("last") and m[4:].isdigit()):
-            raise SystemExit(f"variant {variant!r}: unknown modifier {m!r} (local, logits, both, ce, lastK, norepair)")
+        if m not in ("local", "logits", "both", "ce", "norepair", "slebset") and not (m.startswith("last") and m[4:].isdigit()):
+            raise SystemExit(f"variant {variant!r}: unknown modifier {m!r} (local, logits, both, ce, lastK, norepair, slebset)")
+    if "slebset" in mods and (base != "removal" or rank):
+        raise SystemExit(f"variant {variant!r}: +slebset is a removal variant")
     return base, rank, mods
 
 
@@ -194,7 +198,9 @@ def run_row(method: str, point: str, variant: str, args, eval_cfg, reference: di
     elif method == "foldgpt":
         base, rank, mods = parse_variant(variant)
         remove = None
-        if rank or mods:  # the base row's removal, so the variant changes one thing
+        if "slebset" in mods:
+            remove = run_row("sleb", point, "", args, eval_cfg, reference)["removed_blocks"]
+        elif rank or mods:  # the base row's removal, so the variant changes one thing
             remove = run_row(method, point, base, args, eval_cfg, reference)["removed_blocks"]
         compress(fold_config(point, variant, remove, args, eval_cfg, reference))
     else:
