@@ -292,5 +292,6 @@ def memory_vs_dense(result: dict) -> dict:
         saved = base - value
         out[f"{model}/{backend}:{precision}"] = {
             "rss_saved": saved, "unique_saving": int(unique), "effective_saving": int(effective),
-            "follows_unique": abs(saved - unique) < abs(saved - effective)}
+            # nothing shared: both savings are the same bytes, and there is nothing to decide
+            "follows_unique": None if unique == effective else abs(saved - unique) < abs(saved - effective)}
     return out

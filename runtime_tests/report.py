@@ -103,7 +103,7 @@ def markdown(result: dict, files: dict | None = None) -> str:
                   "| model/runtime | RSS saved MB | unique saving MB | effective saving MB | follows unique |",
                   "|---|---|---|---|---|"]
         lines += [f"| {k} | {_fmt(v['rss_saved'] / MB)} | {_fmt(v['unique_saving'] / MB)} | "
-                  f"{_fmt(v['effective_saving'] / MB)} | {v['follows_unique']} |" for k, v in result["memory_vs_dense"].items()]
+                  f"{_fmt(v['effective_saving'] / MB)} | {'n/a (nothing shared)' if v['follows_unique'] is None else v['follows_unique']} |" for k, v in result["memory_vs_dense"].items()]
 
     if result.get("ratios"):
         lines += ["", "## Folded vs dense (same runtime, same cores, alternating rounds in one process)", "",

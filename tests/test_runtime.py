@@ -266,6 +266,9 @@ def test_memory_follows_unique_is_decided_against_dense():
                                          "follows_unique": True}}
     out = memory_vs_dense({"models": models, "runs": [run("dense", 460 * mb), run("folded", 425 * mb)]})
     assert out["folded/torch:fp32"]["follows_unique"] is False  # a copy per depth: saved only the removed blocks
+    models["removed"] = {"unique_params": 70 * mb, "effective_params": 70 * mb}  # nothing shared: nothing to decide
+    out = memory_vs_dense({"models": models, "runs": [run("dense", 460 * mb), run("removed", 340 * mb)]})
+    assert out["removed/torch:fp32"]["follows_unique"] is None
     assert weights_check(340 * mb, 280 * mb, 360 * mb)["rss_over_unique"] == round(340 / 280, 3)
 
 
