@@ -94,11 +94,12 @@ def run(cfg: RunConfig) -> dict:
     from compress.recipe import CompressConfig, compress
     from compress.select import SelectConfig
 
-    out = mark(check_output(cfg.out, Kind.RUN, inputs=(cfg.model,), overwrite=cfg.overwrite), Kind.RUN)
     fold_cfg = FoldConfig(removal_rate=cfg.removal_rate, group_size=None if cfg.unique_blocks else 2,
                           num_unique_blocks=cfg.unique_blocks, gate=GateConfig(**given(steps=cfg.gate_steps)),
                           select=SelectConfig(candidates=cfg.removal_candidates))
     heal_cfg = HealConfig(max_minutes=cfg.heal_minutes)  # validates the budget before any work
+    # the settings are checked above, before OUT is made: a bad one leaves nothing behind
+    out = mark(check_output(cfg.out, Kind.RUN, inputs=(cfg.model,), overwrite=cfg.overwrite), Kind.RUN)
     timings: dict[str, float] = {}
 
     t = _stage("1/4 dense", f"load {cfg.model}")
@@ -199,14 +200,15 @@ def quality_section(q: dict) -> str:
 
 def _compress_timings(folded_dir: Path) -> dict[str, float]:
     """The compress stage's own split (data, fold, local, cure), from the folded model's provenance."""
-    config = json.loads((folded_dir / "config.json").read_text())
-    return config.get("fold", {}).get("provenance", {}).get("timings", {})
+    from compress.format import read_fold_section
+
+    return ((read_fold_section(folded_dir) or {}).get("provenance") or {}).get("timings", {})
 
 
 def timing_section(timings: dict[str, float], compress_timings: dict[str, float]) -> str:
     """The report's per-stage wall time, the compress stage split into its own stages: where
     the run's minutes went, and how many of them trained the model. A stage a rerun skipped
-    shows the rerun's time (reading its artifact), not the first run's."""
+    shows the rerun's time (reading its artifact); the compress split is the run that made the fold."""
     names = {"data_s": "self text (calibration + healing)", "fold_s": "selection, removal, repair, sharing",
              "local_s": "local healing", "cure_s": "cure"}
     lines = ["## Where the time went", "", "| stage | minutes |", "|---|---|"]
@@ -215,7 +217,7 @@ def timing_section(timings: dict[str, float], compress_timings: dict[str, float]
         if key in timings:
             lines.append(f"| {label} | {timings[key] / 60:.1f} |")
         if key == "compress_s":
-            lines += [f"| - {label} | {compress_timings[k] / 60:.1f} |" for k, label in names.items() if k in compress_timings]
+            lines += [f"| - {part} | {compress_timings[k] / 60:.1f} |" for k, part in names.items() if k in compress_timings]
     lines.append(f"| **total** | **{sum(timings.values()) / 60:.1f}** |")
     return "\n".join(lines) + "\n"
 

@@ -86,6 +86,15 @@ def test_failed_export_is_recorded_and_the_run_goes_on(tmp_path, source, monkeyp
     assert row["status"] == "failed" and "unsupported op" in row["error"]
 
 
+def test_bad_settings_fail_before_the_run_folder_is_made(tmp_path, source):
+    from foldgpt import pipeline
+
+    for bad, match in ((dict(removal_rate=1.5), "removal_rate"), (dict(heal_minutes=-1), "max_minutes must be positive")):
+        with pytest.raises(ValueError, match=match):
+            pipeline.run(config(tmp_path, source, **bad))
+        assert not (tmp_path / "run").exists()
+
+
 def test_quality_section_states_the_cost():
     from foldgpt.pipeline import quality_section
 
