@@ -14,6 +14,7 @@ BASE[+MOD...]:
               more pairs pay for them), trained block-locally for 4 of the cure's minutes
     +local    4 of the cure's minutes on block-local healing (cuts, and groups)
     +logits / +both / +ce   the cure's distillation target (default: final hidden state)
+    +kl       the cure is logit KL at temperature 1 alone, no next-token loss (Minitron)
     +lastK    the cure trains only the last K depths (arXiv 2411.15558)
     +norepair no closed-form cut repair
     +slebset  removal only: the blocks the sleb row at this point removed (run it first), so
@@ -74,8 +75,8 @@ def parse_variant(variant: str) -> tuple[str, int | None, list[str]]:
     if base not in ("removal", "share"):
         raise SystemExit(f"variant {variant!r}: the base must be removal, share or share-dR")
     for m in mods:
-        if m not in ("local", "logits", "both", "ce", "norepair", "slebset") and not (m.startswith("last") and m[4:].isdigit()):
-            raise SystemExit(f"variant {variant!r}: unknown modifier {m!r} (local, logits, both, ce, lastK, norepair, slebset)")
+        if m not in ("local", "logits", "both", "ce", "kl", "norepair", "slebset") and not (m.startswith("last") and m[4:].isdigit()):
+            raise SystemExit(f"variant {variant!r}: unknown modifier {m!r} (local, logits, both, ce, kl, lastK, norepair, slebset)")
     if "slebset" in mods and (base != "removal" or rank):
         raise SystemExit(f"variant {variant!r}: +slebset is a removal variant")
     return base, rank, mods
@@ -102,6 +103,8 @@ def fold_config(point: str, variant: str, remove: list[int] | None, args, eval_c
     distill = {"logits": "logits", "both": "both", "ce": "none"}
     cure = {"distill": distill[m] for m in mods if m in distill}
     cure.update({"last_blocks": int(m[4:]) for m in mods if m.startswith("last")})
+    if "kl" in mods:
+        cure.update(distill="logits", ce_weight=0.0, temperature=1.0)
     fold = {"remove": remove} if remove is not None else {"select": SelectConfig(candidates="gates")}
     if "norepair" in mods:
         fold["repair"] = None

@@ -1,11 +1,13 @@
 """FoldGPT step 4, the cure: a short fine-tune of the shared block weights and the
 per-depth norms, with loss
 
-    cross-entropy(next token) + distill_weight * tail-layer distillation from the dense model
+    ce_weight * cross-entropy(next token) + distill_weight * tail-layer distillation from the dense model
 
 where the tail distillation matches the final hidden state (MSE), the logits
 (KL at a temperature), both, or nothing (`distill="none"`: plain continued pretraining,
-as LayerChop heals; no teacher is needed then). Norm weights get their own, larger learning rate:
+as LayerChop heals; no teacher is needed then). `ce_weight=0` with logit distillation at
+temperature 1 is Minitron's recipe (arXiv 2407.14679: the teacher's whole distribution
+carries more per token than the one sampled next token). Norm weights get their own, larger learning rate:
 they are the only per-depth knobs a shared block has ("layernorm re-adaptation").
 
 Runs on accelerate, so `accelerate launch` with an FSDP config scales the same loop to
@@ -57,6 +59,7 @@ class HealConfig:
     grad_clip: float = 1.0
     distill: Distill = Distill.HIDDEN
     distill_weight: float = 1.0
+    ce_weight: float = 1.0  # 0 with distill="logits": distillation alone (Minitron)
     temperature: float = 2.0  # for logit distillation
     lora_rank: int = 0  # 0: full fine-tune of the blocks; >0: LoRA on each shared Linear
     lora_alpha: float = 16.0
@@ -76,6 +79,10 @@ class HealConfig:
                 raise ValueError(f"{name} must be positive, got {v}")
         if self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("batch_size and checkpoint_every must be positive")
+        if self.ce_weight < 0 or self.distill_weight < 0:
+            raise ValueError("ce_weight and distill_weight must be >= 0")
+        if self.ce_weight == 0 and self.distill is Distill.NONE:
+            raise ValueError("ce_weight=0 with distill='none' leaves the cure no loss")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if self.last_blocks is not None and self.last_blocks < 1:
@@ -229,7 +236,7 @@ def _step(model, teacher, batch, cfg: HealConfig, ref_hidden: torch.Tensor | Non
                                      F.log_softmax(teacher_logits(teacher, ref_hidden).float() / t, -1).flatten(0, 1),
                                      log_target=True, reduction="batchmean") * t * t
         distill = distill + terms["logit_kl"]
-    terms["loss"] = terms["ce"] + cfg.distill_weight * distill
+    terms["loss"] = cfg.ce_weight * terms["ce"] + cfg.distill_weight * distill
     return terms
 
 

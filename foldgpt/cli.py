@@ -121,6 +121,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                         if args.delta_rank is not None else None),
         local=_local_config(args),
         heal=None if args.no_heal else heal_config(args.method, budget, lora_rank=args.lora_rank, distill=args.distill, last_blocks=args.last_blocks,
+                                                   ce_weight=args.ce_weight, temperature=args.temperature,
                                                    batch_size=args.batch_size, seed=args.seed),
         eval=_eval_config(args),
     )
@@ -252,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-heal", action="store_true", help="skip the cure")
     p.add_argument("--distill", default=None,
                    help="cure's distillation target: hidden, logits, both or none (default: hidden; layerchop none)")
+    p.add_argument("--ce-weight", type=float, default=None,
+                   help="weight of the cure's next-token loss (default 1; 0 with --distill logits: distillation "
+                        "alone, Minitron's recipe)")
+    p.add_argument("--temperature", type=float, default=None, help="logit distillation temperature (default 2)")
     p.add_argument("--lora-rank", type=int, default=0, help="cure with LoRA of this rank instead of full fine-tune")
     p.add_argument("--last-blocks", type=int, default=None,
                    help="cure only the last K depths (weights, deltas, norms) and the final norm: a shorter backward")

@@ -293,6 +293,20 @@ def test_one_cure_step_reduces_the_loss_on_a_fixed_batch(tmp_path):
     assert schedule_of(student) == [0, 0, 1]
 
 
+def test_distillation_alone_drops_the_next_token_loss():
+    """ce_weight=0 (Minitron): the loss is the logit KL and nothing else; at ce_weight=1 the CE adds on."""
+    teacher = tiny_model(layers=4, hidden=64, vocab=99)
+    student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, gate=GateConfig(steps=10)))
+    batch = tokens(n=4)
+    with torch.no_grad():
+        alone = _step(student, teacher, batch, HealConfig(max_steps=1, distill="logits", ce_weight=0.0, temperature=1.0))
+        both = _step(student, teacher, batch, HealConfig(max_steps=1, distill="logits", temperature=1.0))
+    assert alone["logit_kl"] > 0 and torch.equal(alone["loss"], alone["logit_kl"])
+    assert torch.allclose(both["loss"], both["ce"] + both["logit_kl"])
+    with pytest.raises(ValueError, match="no loss"):
+        HealConfig(max_steps=1, distill="none", ce_weight=0.0)
+
+
 def test_lora_cure_keeps_sharing_and_changes_weights(tmp_path):
     teacher = tiny_model(layers=4, hidden=64, vocab=99)
     student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.0, gate=GateConfig(steps=1)))
