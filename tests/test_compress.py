@@ -9,7 +9,7 @@ import torch
 import compress.heal as heal_mod
 from compress.adapter import get_adapter
 from compress.blocks import count_parameters, schedule_of
-from compress.data import DataConfig, build_sequences, pack
+from compress.data import DataConfig, build_sequences, pack, self_generated
 from compress.fold import FoldConfig, best_candidate, fold
 from compress.heal import HealConfig, TeacherCache, _step, heal, teacher_hidden, teacher_logits
 from compress.importance import BlockGates, GateConfig, learn_gates
@@ -80,6 +80,27 @@ def test_self_text_does_not_change_when_the_cache_grows(tmp_path):
     build_sequences(DataConfig(**{**small.__dict__, "num_sequences": 40}), model, tok)
     assert json.loads(meta.read_text())["batches"] > batches  # the cache did grow
     assert torch.equal(build_sequences(small, model, tok), first)
+
+
+def test_bf16_sampler_same_seed_same_text_and_its_own_cache(tmp_path, monkeypatch):
+    """The faster sampler: a rerun with the same seed gives the same documents, in a cache of its own
+    that an fp32 request never reads (and the caller's fp32 model is left as it was)."""
+    model, tok = tiny_model(vocab=99), tiny_tokenizer()
+    fp32 = DataConfig(source="self", seq_len=16, num_sequences=4, gen_max_new_tokens=24, gen_batch_size=4,
+                      cache_dir=str(tmp_path))
+    bf16 = DataConfig(**{**fp32.__dict__, "gen_dtype": "bfloat16"})
+    first = self_generated(bf16, model, tok)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert len(list(tmp_path.glob("self-text/*.jsonl"))) == 1
+    fresh = self_generated(DataConfig(**{**bf16.__dict__, "cache_dir": str(tmp_path / "other")}), model, tok)
+    assert fresh == first  # same seed, same backend, same text
+    calls = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    self_generated(fp32, model, tok)
+    assert calls and len(list(tmp_path.glob("self-text/*.jsonl"))) == 2  # generated anew, not read from bf16's
+    with pytest.raises(ValueError, match="gen_dtype"):
+        DataConfig(gen_dtype="float16")
 
 
 def test_empty_and_short_data(tmp_path):

@@ -43,7 +43,7 @@ kotlin {
 dependencies {
     // The runtime must be the release that wrote the .pte: pyproject.toml pins the exporter to
     // executorch==1.5.1, so the app pins the AAR of the same release. Its API, as this app uses
-    // it, is recorded in ../executorch_android_api.txt; tests/test_android_demo.py keeps the
-    // three in step. Brings fbjni and soloader's nativeloader transitively.
+    // it, is recorded in ../executorch_android_api.txt; tests/test_android_demo.py keeps this pin
+    // and the exporter's in step. Brings fbjni and soloader's nativeloader transitively.
     implementation("org.pytorch:executorch-android:1.5.1")
 }

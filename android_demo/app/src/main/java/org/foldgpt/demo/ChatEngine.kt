@@ -10,8 +10,8 @@ import org.pytorch.executorch.extension.llm.LlmModule
  * templated prompt while streaming the text, stop early, release. The host twin `foldgpt chat` runs the same loop in Python.
  *
  * Every member used here is listed in android_demo/executorch_android_api.txt, read from the
- * library's published sources; tests/test_android_demo.py checks that. Values of ExecuTorch
- * types are declared with their type written out, which is what lets that test resolve them.
+ * library's published sources. Values of ExecuTorch types are declared with their type written
+ * out, so a reader sees which API each call uses.
  *
  * Threading: load, generate and close block; call them from one worker thread, never the UI
  * thread. stop may be called from any thread (LlmModule.stop() takes no lock in 1.5.1).

@@ -1,0 +1,62 @@
+"""Self-text generation speed: tokens/s of the ways `compress.data` can sample, in one run.
+
+    python benchmarks/selftext_speed.py [--new-tokens 128]
+
+Each setting samples the same seed prompts with `model.generate` (same temperature and
+top-p as the default self text) after a warm-up batch; the figure is generated tokens per
+second of wall time, and the ratio is against today's default (fp32, batches of 32) in
+this run. Writes benchmarks/results/selftext_speed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from common import RESULTS
+from compress.data import DataConfig, _generate_batch, seed_prompts
+from compress.load import load_model
+
+SETTINGS = [  # (name, dtype, batch)
+    ("fp32 batch 32 (before)", "float32", 32),
+    ("fp32 batch 128", "float32", 128),
+    ("bf16 batch 32", "bfloat16", 32),
+    ("bf16 batch 128", "bfloat16", 128),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    args = ap.parse_args()
+    model, tok = load_model("default")
+    rows = []
+    for name, dtype, batch in SETTINGS:
+        cfg = DataConfig(gen_dtype=dtype, gen_batch_size=batch, gen_max_new_tokens=args.new_tokens)
+        _generate_batch(model, tok, seed_prompts(batch, 99), cfg, 0)  # warm-up
+        start = time.perf_counter()
+        texts, tokens = _generate_batch(model, tok, seed_prompts(batch, 0), cfg, 0)
+        seconds = time.perf_counter() - start
+        rows.append({"setting": name, "dtype": dtype, "batch": batch, "tokens": tokens,
+                     "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)})
+        print(rows[-1], flush=True)
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["ratio"] = round(r["tokens_per_s"] / base, 2)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "selftext_speed.json").write_text(json.dumps(
+        {"new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "rows": rows}, indent=1))
+    lines = ["# Self-text generation speed", "",
+             f"`python benchmarks/selftext_speed.py --new-tokens {args.new_tokens}`; default model, "
+             f"{torch.get_num_threads()} threads, one batch per setting after a warm-up.", "",
+             "| setting | tokens | s | tokens/s | x before |", "|---|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} | {r['ratio']} |" for r in rows]
+    (RESULTS / "selftext_speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
