@@ -31,7 +31,8 @@ HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
 PROBE = """
 import json, sys
 sys.path.insert(0, {root!r})
-from runtime_tests.latency import make_runner, measure_latency
+from runtime_tests.latency import measure_latency
+from runtime_tests.runtimes import make_runner
 runner = make_runner("executorch", sys.argv[1], threads=int(sys.argv[3]))
 r = measure_latency(runner, prompt_lengths=(32,), decode_tokens=128, warmup=0, repeats=int(sys.argv[2]), vocab=49152)
 print(json.dumps(r["decode_ms_per_token"]["runs"]))

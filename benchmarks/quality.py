@@ -239,7 +239,8 @@ def decode_speeds(rows: list[dict], rounds: int, tokens: int) -> dict:
     dense (runtime_tests.latency.decode_rounds), so other tenants' load cancels. Fills r["decode"]."""
     from compress.load import save_dense
     from runtime_tests.emulate import Isolation, run_isolated
-    from runtime_tests.latency import PRELOAD, decode_summary, round_ratio
+    from runtime_tests.latency import decode_summary, round_ratio
+    from runtime_tests.runtimes import get_runtime
 
     dense = save_dense("default", WORK / "dense")
     label = {id(r): f"{r['point']} {r['method']} {r['variant']}" for r in rows}
@@ -249,7 +250,7 @@ def decode_speeds(rows: list[dict], rounds: int, tokens: int) -> dict:
                           {"entries": [["dense", "torch", str(dense)]] + [[label[id(r)], "torch", str(WORK.parent.parent / r["dir"])]
                                                                           for r in rows],
                            "threads": len(cores), "rounds": rounds, "decode_tokens": tokens, "vocab": vocab},
-                          Isolation(cores=cores, timeout_s=3600), preload=PRELOAD["torch"])
+                          Isolation(cores=cores, timeout_s=3600), preload=get_runtime("torch").preload)
     if record["status"] != "ok":
         print(f"decode speeds not measured: {record.get('message')}", flush=True)
         return record

@@ -209,12 +209,12 @@ def _grow_cache(cfg: DataConfig, model: nn.Module, tokenizer, file: Path, meta_f
         return _prefix(docs, counts, target)
 
     bar = tqdm(total=target, initial=sum(counts), desc="generating self text", unit="tok")
-    sampler = _sampler(model, cfg)
+    sampler = sampler_for(model, cfg)
     try:
         while sum(counts) < target:
             b = meta["batches"]
             prompts = seed_prompts(cfg.gen_batch_size * (b + 1), cfg.gen_seed)[-cfg.gen_batch_size:]
-            for text, n in zip(*_generate_batch(sampler, tokenizer, prompts, cfg, b)):
+            for text, n in zip(*generate_batch(sampler, tokenizer, prompts, cfg, b)):
                 if text:
                     docs.append(text)
                     counts.append(_num_tokens(tokenizer, text))
@@ -227,13 +227,13 @@ def _grow_cache(cfg: DataConfig, model: nn.Module, tokenizer, file: Path, meta_f
     return _prefix(docs, counts, target)
 
 
-def _sampler(model: nn.Module, cfg: DataConfig) -> nn.Module:
+def sampler_for(model: nn.Module, cfg: DataConfig) -> nn.Module:
     """The model that samples: itself in fp32, else a copy in `gen_dtype` (the caller's model stays as it is)."""
     dtype = getattr(torch, cfg.gen_dtype)
     return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
 
 
-def _generate_batch(model: nn.Module, tokenizer, prompts: list[str], cfg: DataConfig, batch: int
+def generate_batch(model: nn.Module, tokenizer, prompts: list[str], cfg: DataConfig, batch: int
                     ) -> tuple[list[str], list[int]]:
     """Batch number `batch` of seeded sampling: the texts, and the tokens each generated."""
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"

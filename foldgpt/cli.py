@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="the Android demo's chat loop on the host (executorch runtime)")
+    p = sub.add_parser("chat", help="the Android demo's chat loop on the host (ExecuTorch's C++ LLM runner)")
     p.add_argument("pte", help="exported .pte with tokenizer.json beside it")
     p.add_argument("--prompt", action="append", help="send this message (repeatable); default: read stdin")
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -133,9 +133,12 @@ def run(cfg: RunConfig) -> dict:
     bench_result = None
     if cfg.bench:
         from runtime_tests.bench import BenchConfig, bench
+        from runtime_tests.runtimes import runtimes_reading
 
         t = _stage("4/4 bench", "latency and memory, dense beside folded")
-        artifacts = {name: {f"{e['backend']}:{e['precision']}": e["path"] for e in rows if e["status"] == "ok"}
+        # each export on every runtime that reads it: ours, and the one apps ship (runtime_tests/runtimes.py)
+        artifacts = {name: {f"{rt}:{e['precision']}": e["path"] for e in rows if e["status"] == "ok"
+                            for rt in runtimes_reading(e["backend"])}
                      for name, rows in exports.items()}
         peer = llamacpp_peer(cfg.model)
         if peer:  # llama.cpp on the dense model in 4 bits: the peer the 4-bit exports are compared with
@@ -225,7 +228,7 @@ def timing_section(timings: dict[str, float], compress_timings: dict[str, float]
 def llamacpp_peer(model: str) -> str | None:
     """The default model's Q4_1 GGUF when llama-cpp-python is installed (optional), else None."""
     from compress.load import default_gguf
-    from runtime_tests.latency import llamacpp_available
+    from runtime_tests.runtimes import llamacpp_available
 
     if model != DEFAULT_MODEL or not llamacpp_available():
         print("   llama.cpp comparison skipped: " + ("llama-cpp-python is not installed" if model == DEFAULT_MODEL

@@ -35,7 +35,8 @@ import numpy as np
 from compress.outputs import Kind, check_output, mark
 from export.registry import split_precision
 from runtime_tests.emulate import Isolation, project_decode, run_isolated, shape_of
-from runtime_tests.latency import DECODE_TOKENS, PRELOAD, PROMPT_LENGTHS, RUNNERS, decode_summary, round_ratio
+from runtime_tests.latency import DECODE_TOKENS, PROMPT_LENGTHS, decode_summary, round_ratio
+from runtime_tests.runtimes import get_runtime, known_runtimes
 from runtime_tests.memory import artifact_bytes, weight_bytes, weights_check
 from runtime_tests.profiles import DEFAULT_PROFILE, check_cores, load_profile
 
@@ -75,8 +76,8 @@ class BenchConfig:
                 raise ValueError(f"artifacts for {name!r}, which is not among the models ({', '.join(self.models)})")
             for key in specs:
                 backend, _, precision = key.partition(":")
-                if backend not in RUNNERS:
-                    raise ValueError(f"artifact {key!r}: unknown backend {backend!r}; known: {', '.join(sorted(RUNNERS))}")
+                if backend not in known_runtimes():
+                    raise ValueError(f"artifact {key!r}: unknown backend {backend!r}; known: {', '.join(known_runtimes())}")
                 if split_precision(precision or "fp32")[0] not in BYTES_PER_PARAM:
                     raise ValueError(f"artifact {key!r}: unknown precision; known: {', '.join(BYTES_PER_PARAM)}")
         if self.repeats < 1 or self.rounds < 1 or self.decode_tokens < 1 or not self.prompt_lengths:
@@ -173,7 +174,7 @@ def measure_one(name: str, backend: str, precision: str, path: str, info: dict, 
     common = {"backend": backend, "artifact": str(path), "threads": iso.threads}
     vocab = run["vocab"] = shape.vocab
     mem = run_isolated("runtime_tests.memory:memory_job", {**common, "vocab": vocab}, iso,
-                       preload=PRELOAD[backend], needs_mb=needs_mb)
+                       preload=get_runtime(backend).preload, needs_mb=needs_mb)
     run["memory"] = mem.get("result") or {k: v for k, v in mem.items() if k != "result"}
     if mem["status"] == "ok":
         unique_b, effective_b = info["unique_params"] * bpp, info["effective_params"] * bpp
@@ -185,7 +186,7 @@ def measure_one(name: str, backend: str, precision: str, path: str, info: dict, 
     lat = run_isolated("runtime_tests.latency:latency_job",
                        {**common, "prompt_lengths": list(cfg.prompt_lengths), "decode_tokens": 0,
                         "warmup": cfg.warmup, "repeats": cfg.repeats, "vocab": vocab},
-                       iso, preload=PRELOAD[backend], needs_mb=needs_mb)
+                       iso, preload=get_runtime(backend).preload, needs_mb=needs_mb)
     run["latency"] = lat.get("result")
     run.update(status=lat["status"], message=lat.get("message"))
     return run
@@ -231,7 +232,7 @@ def measure_decode(members: list[dict], cfg: BenchConfig, iso: Isolation) -> dic
                           {"entries": [[label(r), r["backend"], r["artifact"]] for r in members], "threads": iso.threads,
                            "rounds": cfg.rounds, "decode_tokens": cfg.decode_tokens,
                            "prompt_len": min(cfg.prompt_lengths), "warmup": cfg.warmup, "vocab": vocab},
-                          iso, preload=tuple(dict.fromkeys(m for r in members for m in PRELOAD[r["backend"]])))
+                          iso, preload=tuple(dict.fromkeys(m for r in members for m in get_runtime(r["backend"]).preload)))
     if record["status"] != "ok":
         return {"members": [label(r) for r in members], "status": record["status"], "message": record.get("message")}
     rounds = record["result"]

@@ -1,15 +1,7 @@
 """Latency harness: time to first token per prompt length, decode tokens/s, p50/p90.
 
-Every backend is driven through one small protocol, a `Runner`:
-    reset()                      start a new sequence (empty KV cache)
-    prefill(ids) -> logits       append a prompt, return the last position's logits (vocab,)
-    step(token)  -> logits       append one token
-Runners are thin adapters over what each backend already has:
-    torch       compress.format.load_folded + a transformers DynamicCache (eager)
-    onnx        export.onnx.OnnxLM (one session, explicit past/present tensors)
-    executorch  export.executorch_runtime.PteLM (static KV cache, prefill/step)
-    llamacpp    llama-cpp-python on a GGUF file: the peer a phone app would otherwise ship
-                (optional: `pip install llama-cpp-python`, which builds llama.cpp from source)
+Every runtime is driven through the `Runner` protocol of runtime_tests/runtimes.py (one
+registry entry per runtime).
 
     result = measure_latency(make_runner("torch", "runs/folded", threads=2))
 
@@ -26,158 +18,13 @@ context (a static-cache .pte) is reported as skipped, not truncated.
 from __future__ import annotations
 
 import time
-from typing import Callable, Protocol
 
 import numpy as np
 
+from runtime_tests.runtimes import Runner, make_runner
+
 PROMPT_LENGTHS = (32, 128, 512)
 DECODE_TOKENS = 128
-
-
-class Runner(Protocol):
-    max_context: int | None
-
-    def reset(self) -> None: ...
-    def prefill(self, ids: list[int]) -> np.ndarray: ...
-    def step(self, token: int) -> np.ndarray: ...
-
-
-class TorchRunner:
-    """PyTorch eager on a folded (or dense) model directory, KV cache as transformers keeps it."""
-
-    def __init__(self, model_dir, threads: int | None = None):
-        import torch
-        from compress.format import load_folded
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.torch = torch
-        self.model, _ = load_folded(model_dir)
-        self.model = self.model.float().eval()
-        self.vocab_size = self.model.config.vocab_size
-        self.max_context = None
-        self.reset()
-
-    def reset(self) -> None:
-        from transformers import DynamicCache
-
-        self.cache, self.length = DynamicCache(config=self.model.config), 0
-
-    def _forward(self, ids: list[int]) -> np.ndarray:
-        torch = self.torch
-        with torch.inference_mode():
-            x = torch.tensor([ids], dtype=torch.long)
-            pos = torch.arange(self.length, self.length + len(ids))[None]
-            out = self.model(input_ids=x, position_ids=pos, past_key_values=self.cache, use_cache=True,
-                             logits_to_keep=1)
-        self.cache, self.length = out.past_key_values, self.length + len(ids)
-        return out.logits[0, -1].numpy()
-
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        return self._forward(list(ids))
-
-    def step(self, token: int) -> np.ndarray:
-        return self._forward([int(token)])
-
-
-class OnnxRunner:
-    """ONNX Runtime (CPU EP) on an `export.onnx` directory, intra_op_num_threads = threads."""
-
-    def __init__(self, artifact, threads: int | None = None):
-        from pathlib import Path
-
-        from export.onnx import MODEL_FILE, OnnxLM
-
-        path = Path(artifact)
-        path = path / MODEL_FILE if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"{artifact}: no {MODEL_FILE} (not an ONNX export)")
-        self.lm = OnnxLM(path, num_threads=threads)
-        self.max_context = None
-
-    def reset(self) -> None:
-        self.lm.reset()
-
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        return self.lm.step(list(ids))[-1]
-
-    def step(self, token: int) -> np.ndarray:
-        return self.lm.step([int(token)])[-1]
-
-
-class PteRunner:
-    """ExecuTorch pybindings on a .pte, XNNPACK threadpool reset to `threads`."""
-
-    def __init__(self, artifact, threads: int | None = None):
-        from export.executorch_runtime import PteLM
-
-        self.lm = PteLM(artifact, num_threads=threads)
-        self.max_context = self.lm.max_context
-
-    def reset(self) -> None:
-        self.lm.reset()
-
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        return self.lm.prefill(list(ids))
-
-    def step(self, token: int) -> np.ndarray:
-        return self.lm.step(int(token))
-
-
-class LlamaCppRunner:
-    """llama.cpp (through llama-cpp-python) on a .gguf file, n_threads = n_threads_batch = threads.
-
-    Logits of the last evaluated position only (logits_all off), as llama.cpp's own
-    generate loop runs; the context is sized for the harness's longest prompt + decode."""
-
-    def __init__(self, artifact, threads: int | None = None, n_ctx: int = 1024):
-        from pathlib import Path
-
-        try:
-            from llama_cpp import Llama
-        except ImportError as e:
-            raise RuntimeError("the llamacpp runtime needs llama-cpp-python: pip install llama-cpp-python") from e
-        if Path(artifact).suffix != ".gguf" or not Path(artifact).is_file():
-            raise FileNotFoundError(f"{artifact}: not a .gguf file")
-        threads = threads or 1
-        self.llm = Llama(str(artifact), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                         logits_all=False, verbose=False)
-        self.vocab_size = self.llm.n_vocab()
-        self.max_context = n_ctx
-
-    def reset(self) -> None:
-        self.llm.reset()
-
-    def _eval(self, ids: list[int]) -> np.ndarray:
-        self.llm.eval(ids)
-        return np.asarray(self.llm.scores[self.llm.n_tokens - 1])
-
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        return self._eval(list(ids))
-
-    def step(self, token: int) -> np.ndarray:
-        return self._eval([int(token)])
-
-
-RUNNERS: dict[str, Callable[..., Runner]] = {"torch": TorchRunner, "onnx": OnnxRunner, "executorch": PteRunner,
-                                             "llamacpp": LlamaCppRunner}
-# modules a fresh process imports before the memory cap is set (the runtime, not the model)
-PRELOAD = {"torch": ("torch", "transformers"), "onnx": ("numpy", "onnxruntime", "transformers"),
-           "executorch": ("torch", "export.executorch_runtime"), "llamacpp": ("numpy", "llama_cpp")}
-
-
-def llamacpp_available() -> bool:
-    """llama-cpp-python is optional: the comparison runs when it is installed."""
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-def make_runner(backend: str, artifact, threads: int | None = None) -> Runner:
-    """The runner for `backend` on `artifact`. Raises ValueError listing the known backends."""
-    if backend not in RUNNERS:
-        raise ValueError(f"unknown runtime backend {backend!r}; known: {', '.join(sorted(RUNNERS))}")
-    return RUNNERS[backend](artifact, threads)
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -201,13 +48,7 @@ def measure_latency(runner: Runner, prompt_lengths=PROMPT_LENGTHS, decode_tokens
             result["skipped"][str(length)] = f"prompt of {length} tokens is longer than the context of {limit}"
             continue
         ids = rng.integers(3, vocab, size=length).tolist()
-        times = []
-        for i in range(warmup + repeats):
-            runner.reset()
-            t = time.perf_counter()
-            int(runner.prefill(ids).argmax())
-            if i >= warmup:
-                times.append((time.perf_counter() - t) * 1e3)
+        times = [first_token_ms(runner, ids) for _ in range(warmup + repeats)][warmup:]
         result["ttft_ms"][str(length)] = _percentiles(times)
     if decode_tokens == 0:  # TTFT only (the bench times decode with `decode_rounds`)
         return result
@@ -224,8 +65,20 @@ def measure_latency(runner: Runner, prompt_lengths=PROMPT_LENGTHS, decode_tokens
     return result
 
 
+def first_token_ms(runner: Runner, ids: list[int]) -> float:
+    """Prefill of `ids` from an empty cache plus the first token's argmax, in ms."""
+    if hasattr(runner, "timed_generate"):
+        return runner.timed_generate(ids, 1)[0]
+    runner.reset()
+    t = time.perf_counter()
+    int(runner.prefill(ids).argmax())
+    return (time.perf_counter() - t) * 1e3
+
+
 def decode_ms(runner: Runner, ids: list[int], decode_tokens: int) -> float:
     """ms per token of `decode_tokens` greedy steps after prefilling `ids` (prefill not timed)."""
+    if hasattr(runner, "timed_generate"):
+        return runner.timed_generate(ids, decode_tokens + 1)[1]
     runner.reset()
     token = int(runner.prefill(ids).argmax())
     t = time.perf_counter()

@@ -2,7 +2,8 @@
 
     memory_job("torch", "runs/folded", threads=2)     # run it through emulate.run_isolated
 
-In the fresh process the runtime is imported first (see latency.PRELOAD), then the
+In the fresh process the runtime is imported first (its registry entry's `preload` and
+`warm`, runtime_tests/runtimes.py), then the
 peak-RSS counter is reset (/proc/self/clear_refs, "5"), so every number is this
 model's growth over the runtime:
     rss_after_load   VmRSS growth from building the runner (weights loaded or mapped)
@@ -19,7 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime_tests.latency import make_runner
+from runtime_tests.latency import decode_ms
+from runtime_tests.runtimes import get_runtime, make_runner
 
 MB = 1 << 20
 
@@ -42,15 +44,13 @@ def memory_job(backend: str, artifact: str, threads: int, prompt_tokens: int = 3
     """Entry point for `emulate.run_isolated`; all sizes in bytes."""
     import numpy as np
 
-    warm_runtime(backend, artifact)
+    get_runtime(backend).warm(artifact)
     peak_reset = _reset_peak()
     before = _status()
     runner = make_runner(backend, artifact, threads)
     loaded = _status()
     ids = np.random.default_rng(0).integers(3, max(vocab, 4), size=prompt_tokens).tolist()
-    token = int(runner.prefill(ids).argmax())
-    for _ in range(decode_tokens):
-        token = int(runner.step(token).argmax())
+    decode_ms(runner, ids, decode_tokens)
     ran = _status()
     grow = lambda now, k: now[k] - before[k]  # noqa: E731
     return {"rss_after_load": grow(loaded, "VmRSS"), "rss_after_run": grow(ran, "VmRSS"),
@@ -58,38 +58,6 @@ def memory_job(backend: str, artifact: str, threads: int, prompt_tokens: int = 3
             "anon_after_run": grow(ran, "RssAnon"), "file_after_run": grow(ran, "RssFile"),
             "runtime_baseline_rss": before["VmRSS"], "peak_counter_reset": peak_reset,
             "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens}
-
-
-def warm_runtime(backend: str, artifact: str) -> None:
-    """Pay the runtime's one-off costs (modeling code, kernel registry, thread pools) before
-    the baseline, so the growth measured after it is the model's."""
-    if backend == "torch":
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        import compress.format  # noqa: F401
-
-        with torch.device("meta"):
-            AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(artifact))
-    elif backend == "onnx":
-        import numpy as np
-        import onnx
-        import onnxruntime as ort
-
-        x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
-        y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
-        w = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
-        graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "warmup", [x], [y], [w])
-        ort.InferenceSession(onnx.helper.make_model(graph).SerializeToString(),
-                             providers=["CPUExecutionProvider"]).run(None, {"x": np.ones((1, 4), np.float32)})
-    elif backend == "executorch":
-        from export.executorch_runtime import runtime
-
-        runtime()
-    elif backend == "llamacpp":
-        import llama_cpp
-
-        llama_cpp.llama_backend_init()
 
 
 def artifact_bytes(path) -> int:

@@ -72,6 +72,20 @@ def tiny_tokenizer(vocab: int = 99):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+def byte_tokenizer():
+    """A byte-level BPE with no merges (256 byte tokens + 3 specials, ids < 260): the tokenizer
+    form ExecuTorch's C++ LLM runner reads, one id per ASCII character. Pair with vocab=260."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
 def reference_greedy(model, ids: list[int], max_new_tokens: int, eos_id: int | None) -> list[int]:
     """Greedy tokens from the PyTorch model through export.parity's step interface:
     what an exported program's own decode loop must reproduce."""

@@ -1,24 +1,65 @@
-"""`foldgpt chat`, the host twin of the Android app, against a tiny exported .pte."""
+"""`foldgpt chat`, the host twin of the Android app, against tiny exported .pte files; and
+ExecuTorch's own C++ LLM runner (what Android's LlmModule wraps) against our Python twin."""
 
 
 import pytest
 
 from compress.blocks import share_blocks
 from compress.format import save_folded
-from tests.conftest import tiny_model, tiny_tokenizer
+from tests.conftest import byte_tokenizer, reference_greedy, tiny_model
 
 
 @pytest.fixture(scope="module")
-def pte(tmp_path_factory):
+def folded(tmp_path_factory):
+    """A tiny folded model with a byte-level BPE tokenizer: the form the C++ runner reads."""
+    model = tiny_model(layers=4, hidden=64, vocab=260)
+    share_blocks(model, [0, 0, 1, 1])
+    return save_folded(model, tmp_path_factory.mktemp("chat") / "folded", byte_tokenizer()), model
+
+
+def _export(tmp_path_factory, folded, **options):
     from export.registry import ExportConfig, get_backend
 
-    tmp = tmp_path_factory.mktemp("chat")
-    model = tiny_model(layers=4, hidden=64, vocab=99)
-    share_blocks(model, [0, 0, 1, 1])
-    src = save_folded(model, tmp / "folded", tiny_tokenizer())
-    out = tmp / "model.pte"
-    get_backend("executorch").export(src, out, ExportConfig(max_context=128))
+    out = tmp_path_factory.mktemp("pte") / "model.pte"
+    get_backend("executorch").export(folded[0], out, ExportConfig(max_context=128, **options), measure=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def pte(tmp_path_factory, folded):
+    return _export(tmp_path_factory, folded)
+
+
+@pytest.fixture(scope="module")
+def pte_8da4w(tmp_path_factory, folded):
+    return _export(tmp_path_factory, folded, precision="8da4w", embedding_bits=8)
+
+
+@pytest.mark.parametrize("which", ["fp32", "8da4w+emb8"])
+def test_executorch_llm_runner_generates_what_our_runner_does(which, pte, pte_8da4w, folded):
+    """TextLLMRunner: PteLM's greedy text on both programs (same kernels), and on fp32 eager's too."""
+    from export.executorch_runtime import PteLM
+    from export.llm_runner import RunnerLM
+
+    out, tok, pieces = {"fp32": pte, "8da4w+emb8": pte_8da4w}[which], byte_tokenizer(), []
+    text, stats = RunnerLM(out).generate("hello", 12, on_text=pieces.append)
+    ours = PteLM(out)
+    tokens = ours.generate(ours.encode("hello"), 12)
+    assert text == "".join(pieces) == ours.decode(tokens) and len(tokens) > 0
+    if which == "fp32":
+        assert tokens == reference_greedy(folded[1], tok("hello").input_ids, 12, tok.eos_token_id)
+    assert stats["prompt_tokens"] == len("hello") and stats["generated_tokens"] == len(tokens)
+
+
+def test_llm_runner_names_a_missing_file(pte, tmp_path):
+    from export.llm_runner import RunnerLM
+
+    with pytest.raises(FileNotFoundError, match="no such .pte"):
+        RunnerLM(tmp_path / "none.pte")
+    lone = tmp_path / "model.pte"
+    lone.write_bytes(pte.read_bytes())
+    with pytest.raises(FileNotFoundError, match="tokenizer.json: no tokenizer"):
+        RunnerLM(lone)
 
 
 def test_template_is_the_apps(pte):
@@ -39,6 +80,28 @@ def test_chat_produces_the_same_tokens_as_generate(pte):
     turn = chat_turn(PteLM(pte, eos_ids=[]), prompt, max_new_tokens=12)
     assert turn.tokens == expected and len(expected) == 12
     assert turn.prompt_tokens == len(render(prompt))  # character-level tokenizer: one id per char
+
+
+def test_chat_on_executorchs_llm_runner_says_what_our_twin_says(pte):
+    """`foldgpt chat` runs on TextLLMRunner (the app's code); PteLM is the Python twin."""
+    from export.executorch_runtime import PteLM
+    from export.llm_runner import RunnerLM
+    from foldgpt.chat import chat_turn, runner_turn
+
+    runner, ours = runner_turn(RunnerLM(pte), "Hello there", 12), chat_turn(PteLM(pte), "Hello there", 12)
+    assert (runner.text, runner.prompt_tokens, runner.generated_tokens, runner.stopped_on_eos) == (
+        ours.text, ours.prompt_tokens, ours.generated_tokens, ours.stopped_on_eos)
+    assert runner.generated_tokens > 0
+
+
+def test_latency_harness_times_executorchs_llm_runner(pte):
+    """The etrunner runtime: TTFT and decode from the runner's own stats."""
+    from runtime_tests.latency import measure_latency
+    from runtime_tests.runtimes import make_runner
+
+    r = measure_latency(make_runner("etrunner", pte, threads=1), prompt_lengths=(8,), decode_tokens=100, warmup=0,
+                        repeats=1, vocab=120)
+    assert r["ttft_ms"]["8"]["p50"] >= 0 and r["decode_tokens_per_s"]["p50"] > 0
 
 
 def test_eos_stops_generation(pte):

@@ -192,6 +192,27 @@ def test_generate_streams_the_greedy_tokens(fp32, folded, capsys):
     assert capsys.readouterr().out.strip() == "".join(pieces).strip()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_onnx_runtime_genai_generates_what_our_runner_does(precision, fp32, int8, int4):
+    """ONNX Runtime GenAI (what ONNX apps ship) reads genai_config.json and the graph: the same greedy
+    tokens as `foldgpt generate --backend onnx` on every precision."""
+    from export.genai_runner import GenaiLM
+
+    out = {"fp32": fp32, "int8": int8, "int4": int4}[precision][0]
+    ids = tiny_tokenizer()("hello").input_ids
+    expected = get_backend("onnx").generate(out, "hello", 12)
+    tokens, stats = GenaiLM(out).generate(ids, 12)
+    assert tokens == expected and len(tokens) > 0
+    assert stats["generated_tokens"] == len(tokens) and stats["prefill_s"] > 0
+
+
+def test_genai_names_a_missing_config(tmp_path):
+    from export.genai_runner import GenaiLM
+
+    with pytest.raises(FileNotFoundError, match="genai_config.json: no such file"):
+        GenaiLM(tmp_path)
+
+
 # ----------------------------------------------------------------------------- quantized
 
 

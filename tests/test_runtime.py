@@ -6,12 +6,14 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from compress.blocks import share_blocks
 from compress.format import save_folded
 from runtime_tests.emulate import Isolation, bytes_per_token, project_decode, run_isolated, shape_of, stream_triad
-from runtime_tests.latency import TorchRunner, make_runner, measure_latency
+from runtime_tests.latency import measure_latency
+from runtime_tests.runtimes import TorchRunner, make_runner
 from runtime_tests.memory import weights_check
 from runtime_tests.profiles import DEFAULT_PROFILE, check_cores, known_profiles, load_profile
 from tests.conftest import tiny_model, tiny_tokenizer
@@ -171,7 +173,7 @@ def test_llamacpp_runner_reads_the_last_positions_logits(tmp_path, monkeypatch):
     import sys
     import types
 
-    from runtime_tests.latency import LlamaCppRunner
+    from runtime_tests.runtimes import LlamaCppRunner
 
     monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
     gguf = tmp_path / "m.gguf"
@@ -281,6 +283,46 @@ def test_onnx_runner(models, tmp_path):
     r = measure_latency(make_runner("onnx", out, threads=1), prompt_lengths=(4,), decode_tokens=4, warmup=0,
                         repeats=1, vocab=99)
     assert r["decode_tokens_per_s"]["p50"] > 0
+    # ONNX Runtime GenAI on the same folder: the same next-token logits as our session
+    genai, ours, ids = make_runner("genai", out, threads=1), make_runner("onnx", out, threads=1), [5, 9, 11, 7]
+    np.testing.assert_allclose(genai.prefill(ids), ours.prefill(ids), atol=1e-4)
+    np.testing.assert_allclose(genai.step(13), ours.step(13), atol=1e-4)
+    r = measure_latency(genai, prompt_lengths=(4,), decode_tokens=4, warmup=0, repeats=1, vocab=99)
+    assert r["decode_tokens_per_s"]["p50"] > 0
+
+
+def test_a_new_runtime_is_one_registration(monkeypatch):
+    """A dummy runtime, registered once, is driven by the latency and memory harnesses and
+    accepted by the bench."""
+    from runtime_tests import runtimes
+    from runtime_tests.bench import BenchConfig
+    from runtime_tests.memory import memory_job
+
+    monkeypatch.setattr(runtimes, "_RUNTIMES", dict(runtimes._RUNTIMES))
+
+    @runtimes.register_runtime("dummy", preload=("numpy",))
+    class Dummy:
+        max_context = None
+
+        def __init__(self, artifact, threads=None):
+            self.seen = []
+
+        def reset(self):
+            self.seen = []
+
+        def prefill(self, ids):
+            self.seen += list(ids)
+            return np.eye(5)[len(self.seen) % 5]
+
+        def step(self, token):
+            return self.prefill([token])
+
+    r = measure_latency(make_runner("dummy", "x"), prompt_lengths=(4,), decode_tokens=3, warmup=0, repeats=1, vocab=5)
+    assert r["decode_tokens_per_s"]["p50"] > 0 and "4" in r["ttft_ms"]
+    assert memory_job("dummy", "x", threads=1, decode_tokens=3)["decode_tokens"] == 3
+    assert BenchConfig(models={"m": "x"}, artifacts={"m": {"dummy:fp32": "x"}}).artifacts
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        BenchConfig(models={"m": "x"}, artifacts={"m": {"nope:fp32": "x"}})
 
 
 # ----------------------------------------------------------------------------- bench and report
