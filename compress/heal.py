@@ -126,6 +126,9 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.num_processes > len(data):
+        raise ValueError(f"{accelerator.num_processes} processes but only {len(data)} healing windows: "
+                         "use fewer processes or more data")
     model, optimizer = accelerator.prepare(model, optimizer)
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval()
@@ -139,10 +142,11 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
 
     model.train()
     tokens_per_step = cfg.batch_size * data.shape[1]
-    bar = tqdm(total=_estimate_total(cfg, state, tokens_per_step), initial=state.step, desc="cure", unit="step")
+    bar = tqdm(total=_estimate_total(cfg, state, tokens_per_step), initial=state.step, desc="cure", unit="step",
+               disable=not accelerator.is_local_main_process)
     start = time.monotonic() - state.seconds
     try:
-        while not _done(cfg, state):
+        while not _done_everywhere(cfg, state, accelerator):
             idx = _batch(len(data), state.step, cfg, accelerator)
             batch = data[idx].to(accelerator.device)
             for g in optimizer.param_groups:
@@ -160,7 +164,7 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
             bar.total = _estimate_total(cfg, state, tokens_per_step)
             bar.set_postfix(loss=f"{terms['loss'].item():.3f}", ce=f"{terms['ce'].item():.3f}")
             bar.update(1)
-            if state.step % cfg.checkpoint_every == 0 or _done(cfg, state):
+            if state.step % cfg.checkpoint_every == 0 or _done_everywhere(cfg, state, accelerator):
                 _save_checkpoint(accelerator, ckpt, state)
     finally:
         bar.close()
@@ -290,12 +294,28 @@ def _estimate_total(cfg: HealConfig, s: HealState, tokens_per_step: int) -> int:
 
 
 def _save_checkpoint(accelerator, ckpt: Path, state: HealState) -> None:
+    """Every process saves its part (accelerate writes the weights once, and each rank's RNG
+    state); the main process alone vouches for it and swaps it in."""
     tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     # torch.save keeps shared storages shared; safetensors would refuse the tied weights
     accelerator.save_state(str(tmp), safe_serialization=False)
-    (tmp / "progress.json").write_text(json.dumps(asdict(state)))  # last: a checkpoint without it is unfinished
-    replace_path(tmp, ckpt, Kind.CHECKPOINT)  # one swap: a kill leaves the old checkpoint or the new one
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps(asdict(state)))  # last: a checkpoint without it is unfinished
+        replace_path(tmp, ckpt, Kind.CHECKPOINT)  # one swap: a kill leaves the old checkpoint or the new one
+    accelerator.wait_for_everyone()
+
+
+def _done_everywhere(cfg: HealConfig, state: HealState, accelerator) -> bool:
+    """A minutes budget can end on one process a step before another: stop when any has."""
+    done = _done(cfg, state)
+    if accelerator.num_processes == 1:
+        return done
+    flag = torch.tensor([float(done)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def _param_groups(model: nn.Module, cfg: HealConfig, lora: list[nn.Module]) -> list[dict]:

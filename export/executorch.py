@@ -48,6 +48,7 @@ from pathlib import Path
 
 from compress.format import Kind, check_output, sync_files
 from export.executorch_runtime import INSTALL_HINT, TOKENIZER_FILE, PteLM, data_file, resident_memory, runtime
+from export.llm_runner import kernel_libraries
 from export.quantize import layer_bits, quantize_shared, unique_weight_bytes
 from export.parity import GateFailed, record_gate
 from export.registry import ExportConfig, Precision, check_paths, load_model, register_backend
@@ -100,7 +101,9 @@ def export_executorch(model_dir, out, cfg: ExportConfig | None = None, measure: 
         program = trace(model, cfg.max_context, max_seq_len, head_outside=head_fqn is not None)
         report["seconds"]["trace"] = round(time.perf_counter() - clock, 1)
         meta = metadata(model, tokenizer, cfg.max_context, max_seq_len)
-        files = write_program(lower(program, meta, head_fqn, external), stage, out.stem, external)
+        lowered = lower(program, meta, head_fqn, external)
+        report["link"] = kernel_libraries(lowered.executorch_program)
+        files = write_program(lowered, stage, out.stem, external)
         package(stage, tokenizer)
         report["seconds"]["lower"] = round(time.perf_counter() - clock - report["seconds"]["trace"], 1)
         report["metadata"] = meta

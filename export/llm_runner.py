@@ -19,21 +19,31 @@ from typing import Callable
 
 from export.executorch_runtime import TOKENIZER_FILE, data_file, runtime
 
-# what an app must link for every program this project writes (android_demo/README.md)
-KERNEL_LIBRARIES = ("LLM custom ops (llama::custom_sdpa, llama::update_cache)",
-                    "quantized kernels (quantized_decomposed::embedding_byte / embedding_4bit)",
-                    "XNNPACK backend")
+# kernel libraries beyond the portable ops, by operator namespace (android_demo/README.md)
+LIBRARIES = {"llama": "LLM custom ops (extension/llm/custom_ops)",
+             "quantized_decomposed": "quantized kernels (kernels/quantized)"}
+
+
+def operators(program) -> set[str]:
+    """name.overload of every operator a (deserialized or just lowered) program calls."""
+    return {f"{op.name}.{op.overload}" if op.overload else op.name
+            for plan in program.execution_plan for op in plan.operators}
+
+
+def kernel_libraries(program) -> list[str]:
+    """What an app must link to run `program`: the delegates it uses and the kernel libraries
+    its operators live in (export reports carry this as `link`)."""
+    delegates = {f"{d.id} backend" for plan in program.execution_plan for d in plan.delegates}
+    namespaces = {op.split("::")[0] for op in operators(program) if "::" in op}
+    return sorted(delegates | {LIBRARIES[n] for n in namespaces if n in LIBRARIES})
 
 
 def missing_operators(pte: Path) -> list[str]:
     """Operators the program calls that no registered kernel library provides (reads the whole file)."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    program = deserialize_pte_binary(Path(pte).read_bytes()).program
     have = set(runtime()._get_operator_names())
-    wanted = {f"{op.name}.{op.overload}" if op.overload else op.name
-              for plan in program.execution_plan for op in plan.operators}
-    return sorted(op for op in wanted if op not in have)
+    return sorted(op for op in operators(deserialize_pte_binary(Path(pte).read_bytes()).program) if op not in have)
 
 
 class RunnerLM:

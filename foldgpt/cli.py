@@ -172,6 +172,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    """`foldgpt export`'s arguments; `optimum-cli export foldgpt` (export/optimum_cli.py) takes the same."""
+    p.add_argument("backend", help="onnx or executorch")
+    p.add_argument("model_dir")
+    p.add_argument("--out", required=True, help="output directory (onnx) or .pte file (executorch)")
+    p.add_argument("--precision", default="fp32", help="fp32, int8, int4 (onnx) or 8da4w (executorch)")
+    p.add_argument("--max-context", type=int, default=512, help="KV-cache length for static-cache backends")
+    p.add_argument("--embedding-bits", type=int, default=None, help="executorch: quantize the tied embedding and head to 8 bits (one tensor; 4 is refused: stored twice)")
+    p.add_argument("--no-parity", action="store_true", help="skip the parity gate (not recommended)")
+    _overwrite_arg(p)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from export.registry import get_backend
 
@@ -301,14 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a folded or dense model directory to a runtime format")
-    p.add_argument("backend", help="onnx or executorch")
-    p.add_argument("model_dir")
-    p.add_argument("--out", required=True, help="output directory (onnx) or .pte file (executorch)")
-    p.add_argument("--precision", default="fp32", help="fp32, int8, int4 (onnx) or 8da4w (executorch)")
-    p.add_argument("--max-context", type=int, default=512, help="KV-cache length for static-cache backends")
-    p.add_argument("--embedding-bits", type=int, default=None, help="executorch: quantize the tied embedding and head to 8 bits (one tensor; 4 is refused: stored twice)")
-    p.add_argument("--no-parity", action="store_true", help="skip the parity gate (not recommended)")
-    _overwrite_arg(p)
+    add_export_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="stream tokens from an exported model with its KV cache")
@@ -360,13 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet()
     args = build_parser().parse_args(argv)
+    return run_command(args.func, args, f"foldgpt {args.command}")
+
+
+def run_command(func, args: argparse.Namespace, name: str) -> int:
+    """Run a command function; bad input becomes one line on stderr and exit code 2."""
     try:
-        return args.func(args)
+        return func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"foldgpt {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"foldgpt {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
 
 

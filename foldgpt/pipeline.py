@@ -30,7 +30,7 @@ from compress.outputs import Kind, check_output, mark, write_atomic
 # ONNX fp32, which the parity gate pins exactly, and ExecuTorch 8da4w with the tied
 # embedding/head in 8 bits (stored once), the 4-bit program a phone app ships and the one
 # compared with llama.cpp. More: --exports onnx:int4,executorch:fp32,...
-DEFAULT_EXPORTS = (("onnx", "fp32"), ("executorch", "8da4w+emb8"))
+DEFAULT_EXPORTS = (("onnx", "fp32"), ("onnx", "int4"), ("executorch", "8da4w+emb8"))  # int4: the phone-sized ONNX
 
 
 def parse_exports(spec: str) -> tuple[tuple[str, str], ...]:

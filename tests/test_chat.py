@@ -51,6 +51,24 @@ def test_executorch_llm_runner_generates_what_our_runner_does(which, pte, pte_8d
     assert stats["prompt_tokens"] == len("hello") and stats["generated_tokens"] == len(tokens)
 
 
+def test_a_missing_operator_is_named_and_the_export_says_what_to_link(pte, pte_8da4w, monkeypatch):
+    from types import SimpleNamespace
+
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    from export import llm_runner
+    from export.executorch_runtime import runtime
+
+    program = deserialize_pte_binary(pte_8da4w.read_bytes()).program
+    wanted = sorted(llm_runner.operators(program))
+    assert any(op.startswith("llama::") for op in wanted) and any(op.startswith("quantized_decomposed::") for op in wanted)
+    have = [op for op in runtime()._get_operator_names() if op != wanted[0]]
+    monkeypatch.setattr(llm_runner, "runtime", lambda: SimpleNamespace(_get_operator_names=lambda: have))
+    assert llm_runner.missing_operators(pte_8da4w) == [wanted[0]]
+    assert llm_runner.kernel_libraries(program) == ["LLM custom ops (extension/llm/custom_ops)",
+                                                    "XnnpackBackend backend", "quantized kernels (kernels/quantized)"]
+
+
 def test_llm_runner_names_a_missing_file(pte, tmp_path):
     from export.llm_runner import RunnerLM
 

@@ -213,6 +213,24 @@ def test_genai_names_a_missing_config(tmp_path):
         GenaiLM(tmp_path)
 
 
+def test_optimum_cli_export_foldgpt_is_foldgpt_export(folded, tmp_path):
+    """The Hugging Face convention: `optimum-cli export foldgpt` (registered through optimum's
+    command namespace) writes the same artifact, and bad input is one line, exit 2."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "optimum-cli"
+    out = tmp_path / "onnx"
+    run = subprocess.run([str(exe), "export", "foldgpt", "onnx", str(folded[0]), "--out", str(out), "--no-parity"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".json"))[:2] == ["genai_config.json", "model.onnx"]
+    bad = subprocess.run([str(exe), "export", "foldgpt", "tflite", str(folded[0]), "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "optimum-cli export foldgpt: error: unknown backend 'tflite'"), bad.stderr
+
+
 # ----------------------------------------------------------------------------- quantized
 
 
