@@ -10,8 +10,9 @@ temperature 1 is Minitron's recipe (arXiv 2407.14679: the teacher's whole distri
 carries more per token than the one sampled next token). Norm weights get their own, larger learning rate:
 they are the only per-depth knobs a shared block has ("layernorm re-adaptation").
 
-Runs on accelerate, so `accelerate launch` with an FSDP config scales the same loop to
-several GPUs; here it runs on the CPU. The budget is steps, tokens and/or minutes
+Runs on accelerate: `accelerate launch --num_processes N` runs the same loop data-parallel
+(DDP; tested with 2 CPU processes over gloo), the main process alone writing checkpoints.
+FSDP is not tested yet. The budget is steps, tokens and/or minutes
 (whichever ends first). Checkpoints are accelerate states plus a JSON of progress,
 written atomically; `resume=True` continues from the last one, skipping the batches
 already seen, so an interrupted cure loses at most `checkpoint_every` steps.
@@ -70,7 +71,9 @@ class HealConfig:
     seed: int = 0
 
     def __post_init__(self):
-        self.distill = Distill(self.distill)
+        from compress.methods import enum_choice  # here: compress.methods imports this module
+
+        self.distill = enum_choice(Distill, self.distill, "distillation target")
         budgets = {"max_steps": self.max_steps, "max_tokens": self.max_tokens, "max_minutes": self.max_minutes}
         if all(v is None for v in budgets.values()):
             raise ValueError("the cure needs a budget: max_steps, max_tokens or max_minutes")
