@@ -235,7 +235,10 @@ def test_parity_gate_rejects_a_corrupted_export(fp32, folded, tmp_path, monkeypa
         path.write_bytes(blob.replace(tensor_bytes(w), tensor_bytes(bad)))
         return {"pte": path}
 
-    monkeypatch.setattr(et_backend, "lower", lambda *a, **kw: None)  # skip the slow lowering
+    from types import SimpleNamespace
+
+    no_plan = SimpleNamespace(executorch_program=SimpleNamespace(execution_plan=[]))
+    monkeypatch.setattr(et_backend, "lower", lambda *a, **kw: no_plan)  # skip the slow lowering
     monkeypatch.setattr(et_backend, "write_program", lambda program, stage, stem, external: corrupted_program(stage, stem, external))
     out = tmp_path / "out" / "model.pte"
     with pytest.raises(ValueError, match="parity gate failed") as err:

@@ -142,7 +142,7 @@ def test_static_context_skips_long_prompts(models):
 
 
 def test_unknown_runtime_backend_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known: executorch, llamacpp, onnx, torch"):
+    with pytest.raises(ValueError, match="known: etrunner, executorch, genai, llamacpp, onnx, torch"):
         make_runner("tflite", "x")
 
 
