@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 INSTALL_HINT = "pip install onnxruntime-genai==0.18.0"
-GENAI_CONFIG = "genai_config.json"
+GENAI_CONFIG = "genai_config.json"  # written by export/onnx.py
 
 
 class GenaiLM:

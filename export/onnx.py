@@ -45,12 +45,12 @@ from pathlib import Path
 import numpy as np
 
 from export import onnx_graph
+from export.genai_runner import GENAI_CONFIG  # the file the runtime reads names itself there
 from export.pages import mapped_resident, release_mapped_pages
 from export.parity import GateFailed, record_gate
 from export.registry import ExportConfig, Precision, check_paths, load_model, register_backend
 
 MODEL_FILE = "model.onnx"
-GENAI_CONFIG = "genai_config.json"
 INSTALL_HINT = "pip install 'onnx>=1.23,<1.24' 'onnxruntime>=1.32,<1.33' 'onnxscript>=0.7,<0.8'"
 
 
