@@ -7,7 +7,8 @@ where the tail distillation matches the final hidden state (MSE), the logits
 (KL at a temperature), both, or nothing (`distill="none"`: plain continued pretraining,
 as LayerChop heals; no teacher is needed then). `ce_weight=0` with logit distillation at
 temperature 1 is Minitron's recipe (arXiv 2407.14679: the teacher's whole distribution
-carries more per token than the one sampled next token). Norm weights get their own, larger learning rate:
+carries more per token than the one sampled next token). `qat_bits=4` runs the forward
+through the exporters' 4-bit weights (compress.qat). Norm weights get their own, larger learning rate:
 they are the only per-depth knobs a shared block has ("layernorm re-adaptation").
 
 Runs on accelerate: `accelerate launch --num_processes N` runs the same loop data-parallel
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from compress.adapter import get_adapter
 from compress.blocks import schedule_of, share_blocks
 from compress.outputs import Kind, replace_path
+from compress.qat import add_fake_quant, remove_fake_quant
 
 
 class Distill(str, Enum):
@@ -66,6 +68,8 @@ class HealConfig:
     lora_alpha: float = 16.0
     train_embeddings: bool = False  # also train the (tied) embedding / head: every weight, as LayerChop does
     last_blocks: int | None = None  # train only the last k depths (weights, deltas, norms) + final norm (arXiv 2411.15558)
+    qat_bits: int | None = None  # 4: forward through the exporters' 4-bit grid (compress.qat), export with rtn scales
+    qat_group_size: int = 32
     teacher_cache_mb: float = 2048.0  # keep the teacher's final hidden states up to this size (0: recompute every step)
     checkpoint_every: int = 25
     seed: int = 0
@@ -92,6 +96,15 @@ class HealConfig:
             raise ValueError(f"last_blocks must be >= 1 (None: every block), got {self.last_blocks}")
         if self.teacher_cache_mb < 0:
             raise ValueError(f"teacher_cache_mb must be >= 0, got {self.teacher_cache_mb}")
+        if self.qat_bits is not None:
+            from compress.qat import QAT_BITS
+
+            if self.qat_bits not in QAT_BITS:
+                raise ValueError(f"qat_bits must be one of {QAT_BITS} (the exporters' grouped weights), got {self.qat_bits}")
+            if self.lora_rank:
+                raise ValueError("qat_bits with lora_rank: the rounding would be merged into the weights; use one of them")
+            if self.qat_group_size < 1:
+                raise ValueError(f"qat_group_size must be positive, got {self.qat_group_size}")
 
 
 @dataclass
@@ -124,6 +137,8 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
     set_seed(cfg.seed)
     schedule = schedule_of(model)
     lora = _add_lora(model, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank else []
+    if cfg.qat_bits:
+        add_fake_quant(model, cfg.qat_bits, cfg.qat_group_size)
     groups = _param_groups(model, cfg, lora)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     for g in optimizer.param_groups:
@@ -175,6 +190,8 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
     model.eval()
     if lora:
         _merge_lora(model, lora)
+    if cfg.qat_bits:
+        remove_fake_quant(model)  # the fp32 weights whose export rounding the cure trained through
     share_blocks(model, schedule)  # re-assert sharing; a no-op unless something untied it
     return model, state
 

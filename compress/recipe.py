@@ -241,6 +241,7 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
         "cure": None if heal_state is None else {
             "steps": heal_state.step, "tokens": heal_state.tokens, "seconds": round(heal_state.seconds, 1),
             "final_loss": heal_state.losses[-1] if heal_state.losses else None,
+            **({"qat": {"bits": cfg.heal.qat_bits, "group_size": cfg.heal.qat_group_size}} if cfg.heal.qat_bits else {}),
         },
         "timings": {k: round(v, 1) for k, v in timings.items()},
     })
@@ -260,11 +261,13 @@ def run_method(name: str, model, calib: torch.Tensor, cfg) -> tuple[object, dict
 
 
 def _heal_settings(heal_cfg: HealConfig) -> dict:
-    """The cure's settings for the work-dir key; `train_embeddings` (added later) only
-    when set, so work dirs made before it still resume."""
+    """The cure's settings for the work-dir key; `train_embeddings` and `qat_bits` (added
+    later) only when set, so work dirs made before them still resume."""
     settings = asdict(heal_cfg)
     if not settings["train_embeddings"]:
         del settings["train_embeddings"]
+    if settings["qat_bits"] is None:  # likewise (added later)
+        del settings["qat_bits"], settings["qat_group_size"]
     return settings
 
 

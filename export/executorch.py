@@ -96,7 +96,7 @@ def export_executorch(model_dir, out, cfg: ExportConfig | None = None, measure: 
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     clock = time.perf_counter()
     try:
-        quantize_shared(model, cfg.precision, cfg.group_size, cfg.embedding_bits)
+        quantize_shared(model, cfg.precision, cfg.group_size, cfg.embedding_bits, cfg.weight_method)
         head_fqn, external, report["tied_embedding"] = tied_layout(model, cfg.embedding_bits)
         program = trace(model, cfg.max_context, max_seq_len, head_outside=head_fqn is not None)
         report["seconds"]["trace"] = round(time.perf_counter() - clock, 1)

@@ -10,7 +10,8 @@ Stages of `export_onnx` (each a function below):
                        past_key_values.{i}.key / .value (B, kv_heads, P, head_dim) per depth
                outputs logits (B, S, V), present.{i}.key / .value (B, kv_heads, P+S, head_dim)
                then `onnx_graph.pretranspose_weights`, the onnxscript optimizer, no metadata
-  3. quantize  int8 (dynamic) or int4 (MatMulNBits, block `group_size`), each weight once
+  3. quantize  int8 (dynamic) or int4 (MatMulNBits, block `group_size`, int8 compute, on the
+               4-bit grid ExecuTorch's 8da4w gets: `onnx_graph.regrid_int4`), each weight once
   4. package   genai_config.json and the tokenizer files beside model.onnx
   5. gate      `export.parity` against the PyTorch model (fp32: logits + greedy tokens,
                quantized: perplexity); a failed gate leaves the export at its temporary path
@@ -48,7 +49,7 @@ from export import onnx_graph
 from export.genai_runner import GENAI_CONFIG  # the file the runtime reads names itself there
 from export.pages import mapped_resident, release_mapped_pages
 from export.parity import GateFailed, record_gate
-from export.registry import ExportConfig, Precision, check_paths, load_model, register_backend
+from export.registry import ExportConfig, Precision, WeightMethod, check_paths, load_model, register_backend
 
 MODEL_FILE = "model.onnx"
 INSTALL_HINT = "pip install 'onnx>=1.23,<1.24' 'onnxruntime>=1.32,<1.33' 'onnxscript>=0.7,<0.8'"
@@ -79,8 +80,16 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
                          f"embedding_bits={cfg.embedding_bits} is not supported")
     if bits == 4 and cfg.group_size not in (16, 32, 64, 128, 256):
         raise ValueError(f"onnx int4: group_size must be a power of two from 16 to 256, got {cfg.group_size}")
+    if bits == 8 and cfg.weight_method is not WeightMethod.RTN:
+        raise ValueError("onnx int8 is dynamic per-tensor quantization; weight_method applies to int4 only")
     require_onnx()
     model, tokenizer = load_model(model_dir)
+    if bits == 4:
+        import torch
+
+        widths = sorted({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
+        if any(k % cfg.group_size for k in widths):
+            raise ValueError(f"onnx int4 needs input widths divisible by group_size {cfg.group_size}; this model has {widths}")
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -92,7 +101,7 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
         report["graph_passes"] = trace(model, fp32_path, tied_head_rows=bits is None)
         report["seconds"]["trace"] = round(time.perf_counter() - clock, 1)
         if bits is not None:
-            report["graph_passes"].update(quantize(fp32_path, path, cfg.precision, cfg.group_size))
+            report["graph_passes"].update(quantize(fp32_path, path, cfg.precision, cfg.group_size, cfg.weight_method))
             shutil.rmtree(fp32_path.parent)
         package(stage, model.config, tokenizer, cfg)
         report["seconds"]["quantize_package"] = round(time.perf_counter() - clock - report["seconds"]["trace"], 1)
@@ -201,11 +210,12 @@ def trace(model, path: Path, tied_head_rows: bool = True) -> dict:
 # ----------------------------------------------------------------------------- 3. quantize
 
 
-def quantize(src: Path, dst: Path, precision: Precision, group_size: int = 32) -> dict:
+def quantize(src: Path, dst: Path, precision: Precision, group_size: int = 32,
+             method: WeightMethod = WeightMethod.RTN) -> dict:
     if precision == Precision.INT8:
         return {"tied_embedding_int8_rows": onnx_graph.quantize_int8(src, dst)["tied"]}
-    stats = onnx_graph.quantize_int4(src, dst, block_size=group_size)
-    return {"tied_embedding_int4": stats["tied"]}
+    stats = onnx_graph.quantize_int4(src, dst, block_size=group_size, method=WeightMethod(method).value)
+    return {"int4_weights": f"{stats['grid']} on torchao's {WeightMethod(method).value} grid", "tied_embedding_int4": stats["tied"]}
 
 
 def unique_weight_bytes(model, precision: Precision = Precision.FP32, group_size: int = 32) -> int:

@@ -10,7 +10,10 @@ Schemes (what the XNNPACK delegate runs):
     int8   -> 8da8w: int8 dynamic activations, int8 per-output-channel symmetric weights.
               Not int8 *weight-only*: ExecuTorch 1.5.1 lowers torchao's weight-only int8
               to XNNPACK with fp32 weights and wrong logits, so int8 means 8da8w here.
-    8da4w  -> int8 dynamic activations, int4 symmetric weights in groups of `group_size`.
+    8da4w  -> int8 dynamic activations, int4 symmetric weights in groups of `group_size`,
+              scales by `WeightMethod` (rtn: max|w| / 7.5; hqq: half-quadratic search).
+              ONNX int4 packs the very same 4-bit values (`int4_weights`), so a fold cured
+              on this grid (compress.heal's qat_bits=4) exports without weight error to both.
     embedding_bits (tied embedding + head, one tensor): 8 -> the head is 8da8w and the
               embedding gathers from the same int8 tensor (`embedding_byte`); 4 -> the head
               is 8da4w and the embedding gathers 4-bit rows (`embedding_4bit`).
@@ -19,7 +22,7 @@ The tied head stays fp32 (one tensor with the fp32 embedding) unless embedding_b
 
 from __future__ import annotations
 
-from export.registry import Precision
+from export.registry import Precision, WeightMethod
 
 INSTALL_HINT = "pip install 'torchao>=0.18,<0.19'"
 
@@ -35,7 +38,7 @@ def linear_groups(model) -> list[list]:
     return list(groups.values())
 
 
-def _config(bits: int, group_size: int):
+def _config(bits: int, group_size: int, method: WeightMethod = WeightMethod.RTN):
     try:
         import torch
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig
@@ -44,7 +47,26 @@ def _config(bits: int, group_size: int):
         raise ValueError(f"quantized executorch export needs {e.name}: {INSTALL_HINT}") from None
     if bits == 8:
         return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size),
+                                                 intx_choose_qparams_algorithm=_algorithm(method))
+
+
+def _algorithm(method: WeightMethod):
+    from torchao.quantization.quantize_.workflows import IntxChooseQParamsAlgorithm
+
+    return {WeightMethod.RTN: IntxChooseQParamsAlgorithm.AFFINE,
+            WeightMethod.HQQ: IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY}[WeightMethod(method)]
+
+
+def int4_weights(weight, group_size: int = 32, method: WeightMethod = WeightMethod.RTN):
+    """(q int8 in [-8, 7] of shape (N, K), scale fp32 (N, K / group_size)) with w ~ q * scale:
+    the 4-bit grid torchao gives ExecuTorch's 8da4w, for the ONNX exporter to pack as well."""
+    import torch
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    t = IntxUnpackedToInt8Tensor.from_hp(weight.detach().float(), [1, group_size], torch.int4,
+                                         intx_choose_qparams_algorithm=_algorithm(method))
+    return t.qdata, t.scale.float().reshape(weight.shape[0], -1)
 
 
 def layer_bits(precision: Precision) -> int | None:
@@ -65,7 +87,8 @@ def check_shapes(model, precision: Precision, group_size: int, embedding_bits: i
                              f"a Linear has {group[0].in_features}")
 
 
-def quantize_shared(model, precision: Precision, group_size: int = 32, embedding_bits: int | None = None):
+def quantize_shared(model, precision: Precision, group_size: int = 32, embedding_bits: int | None = None,
+                    method: WeightMethod = WeightMethod.RTN):
     """Quantize `model` in place, one quantization per shared weight; returns it.
 
     The tied head (and with it the embedding) follows `embedding_bits`, every other
@@ -85,7 +108,7 @@ def quantize_shared(model, precision: Precision, group_size: int = 32, embedding
         bits = embedding_bits if (tied and leader is lm_head) else layer_bits(precision)
         if bits is None:
             continue
-        quantize_(leader, _config(bits, group_size), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+        quantize_(leader, _config(bits, group_size, method), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
         for member in group[1:]:
             member.weight = leader.weight  # the same quantized Parameter, not a second quantization
     if tied and embedding_bits is not None:

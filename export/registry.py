@@ -25,21 +25,26 @@ class Precision(str, Enum):
     INT8DA4W = "8da4w"  # ExecuTorch: int8 dynamic activations, int4 grouped weights
 
 
+class WeightMethod(str, Enum):
+    """How grouped 4-bit weights get their scales (both backends, export.quantize.int4_weights)."""
+    RTN = "rtn"  # round to nearest, scale = max|w| / 7.5 per group (torchao's symmetric affine)
+    HQQ = "hqq"  # half-quadratic scale search (torchao hqq_scale_only): lower weight error, same format
+
+
 @dataclass
 class ExportConfig:
     precision: Precision = Precision.FP32
     max_context: int = 512  # static KV-cache length where the backend needs one
     embedding_bits: int | None = None  # quantize the (tied) embedding to 4 or 8 bits, shared with the head
     group_size: int = 32  # int4 block / group size
+    weight_method: WeightMethod = WeightMethod.RTN  # 4-bit scales; a fold cured with qat_bits=4 wants rtn
     parity: bool = True  # run the parity gate before anything is written to `out`
     num_threads: int | None = None
     overwrite: bool = False  # replace an existing `out` this tool did not write (never the model itself)
 
     def __post_init__(self):
-        try:
-            self.precision = Precision(self.precision)
-        except ValueError:
-            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(p.value for p in Precision)}") from None
+        self.precision = _choice(Precision, self.precision, "precision")
+        self.weight_method = _choice(WeightMethod, self.weight_method, "weight method")
         if self.max_context < 2:
             raise ValueError(f"max_context must be at least 2, got {self.max_context}")
         if self.embedding_bits not in (None, 4, 8):
@@ -51,6 +56,15 @@ class ExportConfig:
         string a benchmark row, a pipeline export and a report key share."""
         name, bits = split_precision(spec)
         return cls(precision=name, embedding_bits=bits, **kwargs)
+
+
+def _choice(enum: type, value, what: str):
+    """`enum(value)`, or a one-line ValueError naming the choices (compress.methods.enum_choice's
+    twin: the registry must not import compress, which imports torch)."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(e.value for e in enum)}") from None
 
 
 def split_precision(spec: str) -> tuple[str, int | None]:

@@ -124,7 +124,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         local=_local_config(args),
         heal=None if args.no_heal else heal_config(args.method, budget, lora_rank=args.lora_rank, distill=args.distill, last_blocks=args.last_blocks,
                                                    ce_weight=args.ce_weight, temperature=args.temperature,
-                                                   batch_size=args.batch_size, seed=args.seed),
+                                                   qat_bits=args.qat_bits, batch_size=args.batch_size, seed=args.seed),
         eval=_eval_config(args),
     )
     out = compress(cfg)
@@ -168,7 +168,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     backend = get_backend(args.backend)
     cfg = ExportConfig(precision=args.precision, max_context=args.max_context, embedding_bits=args.embedding_bits,
-                       parity=not args.no_parity, overwrite=args.overwrite)
+                       weight_method=args.weight_method, parity=not args.no_parity, overwrite=args.overwrite)
     report = backend.export(args.model_dir, args.out, cfg)
     print(json.dumps(report, indent=2, default=str))
     return 0
@@ -182,6 +182,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", help="fp32, int8, int4 (onnx) or 8da4w (executorch)")
     p.add_argument("--max-context", type=int, default=512, help="KV-cache length for static-cache backends")
     p.add_argument("--embedding-bits", type=int, default=None, help="executorch: quantize the tied embedding and head to 8 bits (one tensor; 4 is refused: stored twice)")
+    p.add_argument("--weight-method", default="rtn",
+                   help="4-bit scales: rtn (round to nearest; use it for a fold cured with --qat-bits 4) or hqq")
     p.add_argument("--no-parity", action="store_true", help="skip the parity gate (not recommended)")
     _overwrite_arg(p)
 
@@ -272,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "alone, Minitron's recipe)")
     p.add_argument("--temperature", type=float, default=None, help="logit distillation temperature (default 2)")
     p.add_argument("--lora-rank", type=int, default=0, help="cure with LoRA of this rank instead of full fine-tune")
+    p.add_argument("--qat-bits", type=int, default=None,
+                   help="4: the cure runs through the exporters' 4-bit weights (8da4w, ONNX int4), so they lose little")
     p.add_argument("--last-blocks", type=int, default=None,
                    help="cure only the last K depths (weights, deltas, norms) and the final norm: a shorter backward")
     p.add_argument("--batch-size", type=int, default=4)

@@ -341,6 +341,73 @@ def test_int4_tied_embedding_reads_the_head_weight(int4, folded, tmp_path):
     np.testing.assert_allclose(got[0], deq[ids[0]], atol=1e-6)
 
 
+def test_int4_is_executorchs_grid_with_int8_compute(int4, folded):
+    """Every MatMulNBits holds exactly torchao's 4-bit values and scales for its weight, the
+    ones ExecuTorch's 8da4w quantize_shared stores: one grid for both backends."""
+    import copy
+
+    import onnx_ir as ir
+
+    from export.quantize import int4_weights, quantize_shared
+
+    out, report = int4
+    nbits = {}
+    for n in ir.load(out / "model.onnx").graph:
+        if n.op_type == "MatMulNBits":
+            assert n.attributes["accuracy_level"].as_int() == 4
+            bq, scales = n.inputs[1].const_value.numpy(), n.inputs[2].const_value.numpy()
+            nib = np.stack([bq & 15, bq >> 4], -1).reshape(bq.shape[0], bq.shape[1], -1).astype(np.float32) - 8
+            nbits[n.inputs[1].name] = (nib * scales[..., None]).reshape(bq.shape[0], -1)
+    et = quantize_shared(copy.deepcopy(folded[1]), Precision.INT8DA4W, 32, embedding_bits=None)
+    et_linears = {id(m): m for m in et.modules() if isinstance(m, torch.nn.Linear)}
+    for name, module in folded[1].named_modules():
+        if isinstance(module, torch.nn.Linear):
+            q, s = int4_weights(module.weight, 32)
+            mine = (q.float().reshape(q.shape[0], -1, 32) * s[..., None]).reshape(q.shape).numpy()
+            assert any(d.shape == mine.shape and np.array_equal(d, mine) for d in nbits.values()), name
+            if name != "lm_head":  # the head stays fp32 in ExecuTorch without embedding_bits
+                et_w = et.get_submodule(name).weight.dequantize().detach().numpy()
+                np.testing.assert_allclose(et_w, mine, rtol=0, atol=1e-7)
+    assert report["graph_passes"]["int4_weights"].startswith(f"{len(nbits)} on torchao's rtn grid")
+    assert len(et_linears) > 0
+
+
+def test_hqq_scales_lower_the_output_error(folded):
+    """The quality-aware method against naive rounding, on a fixed batch: logits error of the
+    model whose every Linear holds its dequantized 4-bit weight."""
+    import copy
+
+    from export.quantize import int4_weights
+
+    model = folded[1]
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        errors = {}
+        for method in ("rtn", "hqq"):
+            m = copy.deepcopy(model)
+            for module in {id(x.weight): x for x in m.modules() if isinstance(x, torch.nn.Linear)}.values():
+                q, s = int4_weights(module.weight, 32, method)
+                module.weight.copy_((q.float().reshape(q.shape[0], -1, 32) * s[..., None]).reshape(q.shape))
+            errors[method] = (m(ids).logits - ref).pow(2).mean().item()
+    assert 0 < errors["hqq"] < errors["rtn"]
+    # ExecuTorch's quantize_shared takes the same method and stores the same weights
+    from export.quantize import quantize_shared
+
+    et = quantize_shared(copy.deepcopy(model), Precision.INT8DA4W, 32, method="hqq")
+    q, s = int4_weights(model.model.layers[0].mlp.down_proj.weight, 32, "hqq")
+    torch.testing.assert_close(et.model.layers[0].mlp.down_proj.weight.dequantize(),
+                               (q.float().reshape(q.shape[0], -1, 32) * s[..., None]).reshape(q.shape), rtol=0, atol=1e-7)
+
+
+def test_weight_method_bad_input_is_one_line(folded, tmp_path):
+    with pytest.raises(ValueError, match="unknown weight method 'gptq'; choose one of rtn, hqq"):
+        ExportConfig(precision="int4", weight_method="gptq")
+    with pytest.raises(ValueError, match="int4 only"):
+        export_onnx(folded[0], tmp_path / "out", ExportConfig(precision="int8", weight_method="hqq"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_unique_weight_bytes_definition(folded):
     model = folded[1]
     matrices = [p for p in {id(p): p for p in model.parameters()}.values() if p.ndim == 2]
