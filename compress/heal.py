@@ -8,7 +8,8 @@ where the tail distillation matches the final hidden state (MSE), the logits
 as LayerChop heals; no teacher is needed then). `ce_weight=0` with logit distillation at
 temperature 1 is Minitron's recipe (arXiv 2407.14679: the teacher's whole distribution
 carries more per token than the one sampled next token). `qat_bits=4` runs the forward
-through the exporters' 4-bit weights (compress.qat). Norm weights get their own, larger learning rate:
+through the exporters' 4-bit weights (compress.qat); `compute_dtype="bfloat16"` autocasts
+the forward passes (student and teacher) to bf16 for more steps per minute. Norm weights get their own, larger learning rate:
 they are the only per-depth knobs a shared block has ("layernorm re-adaptation").
 
 Runs on accelerate: `accelerate launch --num_processes N` runs the same loop data-parallel
@@ -68,6 +69,7 @@ class HealConfig:
     lora_alpha: float = 16.0
     train_embeddings: bool = False  # also train the (tied) embedding / head: every weight, as LayerChop does
     last_blocks: int | None = None  # train only the last k depths (weights, deltas, norms) + final norm (arXiv 2411.15558)
+    compute_dtype: str = "float32"  # "bfloat16": forward matmuls autocast to bf16 (weights, grads, optimizer stay fp32)
     qat_bits: int | None = None  # 4: forward through the exporters' 4-bit grid (compress.qat), export with rtn scales
     qat_group_size: int = 32
     teacher_cache_mb: float = 2048.0  # keep the teacher's final hidden states up to this size (0: recompute every step)
@@ -96,6 +98,8 @@ class HealConfig:
             raise ValueError(f"last_blocks must be >= 1 (None: every block), got {self.last_blocks}")
         if self.teacher_cache_mb < 0:
             raise ValueError(f"teacher_cache_mb must be >= 0, got {self.teacher_cache_mb}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
         if self.qat_bits is not None:
             from compress.qat import QAT_BITS
 
@@ -169,7 +173,9 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
             batch = data[idx].to(accelerator.device)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * _lr_scale(cfg, state)
-            terms = _step(model, teacher, batch, cfg, cache(idx, batch) if cache else None)
+            # torch's autocast, not accelerate's mixed_precision: that one is fixed per process
+            with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=cfg.compute_dtype == "bfloat16"):
+                terms = _step(model, teacher, batch, cfg, cache(idx, batch) if cache else None)
             accelerator.backward(terms["loss"])
             if cfg.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)

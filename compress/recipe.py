@@ -109,17 +109,24 @@ class CompressConfig:
         return Path(self.work_dir) if self.work_dir else Path(str(Path(self.out)) + ".work")
 
 
+WORKDIR_VERSION = 2  # bump when a stage's settings change shape; older work dirs are refused, not guessed at
+
+
 def _claim_stage(work: Path, stage: str, settings: dict) -> bool:
     """Record the stage's settings (or check them against a recorded run); True if the
-    stage already finished. Raises ValueError when the work dir was made with other settings."""
+    stage already finished. Raises ValueError when the work dir was made by another
+    version of this recipe or with other settings."""
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     file = work / f"{stage}.json"
     if file.is_file():
         saved = json.loads(file.read_text())
+        if saved.get("version") != WORKDIR_VERSION:
+            raise ValueError(f"{work} was made by an older foldgpt (work-dir version {saved.get('version', 1)}, "
+                             f"this is {WORKDIR_VERSION}); finish it with that version, or delete it to start over")
         if saved["key"] != key:
             raise ValueError(f"{work} holds a '{stage}' stage made with other settings; use another --out or delete {work}")
         return saved["done"]
-    _write_json(file, {"key": key, "done": False, "settings": settings})
+    _write_json(file, {"version": WORKDIR_VERSION, "key": key, "done": False, "settings": settings})
     return False
 
 
@@ -172,12 +179,9 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
 
     # 2. fold
     t = time.monotonic()
-    # fields added since a setting's first release enter the key only when set, so older work dirs still resume
-    fold_settings = {**data_settings, "fold": {k: v for k, v in asdict(cfg.fold).items()
-                                               if not (k in ("remove", "delta") and v is None)}}
-    if cfg.peer is not None:  # FoldGPT's settings keep their old form, so its work dirs still resume
-        fold_settings.update(method=cfg.method, peer=asdict(method_cfg))
-    elif cfg.fold.gate is None:  # the gates' defaults choose the blocks: record them in the key
+    fold_settings = {**data_settings, "fold": asdict(cfg.fold), "method": cfg.method,
+                     "peer": asdict(method_cfg) if cfg.peer is not None else None}
+    if cfg.peer is None and cfg.fold.gate is None:  # the gates' defaults choose the blocks: record them in the key
         fold_settings["fold"]["gate"] = asdict(GateConfig())
     if not _claim_stage(work, "fold", fold_settings):
         student, report = run_method(cfg.method, copy.deepcopy(dense), calib, method_cfg)
@@ -211,7 +215,7 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
     heal_state = None
     if cfg.heal is not None:
         t = time.monotonic()
-        _claim_stage(work, "cure", {**fold_settings, "heal": _heal_settings(cfg.heal)})
+        _claim_stage(work, "cure", {**fold_settings, "heal": asdict(cfg.heal)})
         student, heal_state = heal(student, dense, heal_seqs, cfg.heal, work / "cure", resume=True)
         _finish_stage(work, "cure")
         timings["cure_s"] = time.monotonic() - t
@@ -258,17 +262,6 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
 def run_method(name: str, model, calib: torch.Tensor, cfg) -> tuple[object, dict]:
     """The fold stage's work: method `name` on `model` (edited in place)."""
     return get_method(name).run(model, calib, cfg)
-
-
-def _heal_settings(heal_cfg: HealConfig) -> dict:
-    """The cure's settings for the work-dir key; `train_embeddings` and `qat_bits` (added
-    later) only when set, so work dirs made before them still resume."""
-    settings = asdict(heal_cfg)
-    if not settings["train_embeddings"]:
-        del settings["train_embeddings"]
-    if settings["qat_bits"] is None:  # likewise (added later)
-        del settings["qat_bits"], settings["qat_group_size"]
-    return settings
 
 
 def summary_metrics(metrics):

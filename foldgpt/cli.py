@@ -124,7 +124,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         local=_local_config(args),
         heal=None if args.no_heal else heal_config(args.method, budget, lora_rank=args.lora_rank, distill=args.distill, last_blocks=args.last_blocks,
                                                    ce_weight=args.ce_weight, temperature=args.temperature,
-                                                   qat_bits=args.qat_bits, batch_size=args.batch_size, seed=args.seed),
+                                                   qat_bits=args.qat_bits, compute_dtype=args.cure_dtype,
+                                                   batch_size=args.batch_size, seed=args.seed),
         eval=_eval_config(args),
     )
     out = compress(cfg)
@@ -274,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "alone, Minitron's recipe)")
     p.add_argument("--temperature", type=float, default=None, help="logit distillation temperature (default 2)")
     p.add_argument("--lora-rank", type=int, default=0, help="cure with LoRA of this rank instead of full fine-tune")
+    p.add_argument("--cure-dtype", default=None, choices=("float32", "bfloat16"),
+                   help="the cure's forward passes in bfloat16 (autocast; weights stay fp32): more steps per minute "
+                        "on CPUs with AVX-512 BF16 or AMX")
     p.add_argument("--qat-bits", type=int, default=None,
                    help="4: the cure runs through the exporters' 4-bit weights (8da4w, ONNX int4), so they lose little")
     p.add_argument("--last-blocks", type=int, default=None,

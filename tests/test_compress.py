@@ -314,6 +314,23 @@ def test_one_cure_step_reduces_the_loss_on_a_fixed_batch(tmp_path):
     assert schedule_of(student) == [0, 0, 1]
 
 
+def test_bf16_cure_trains_fp32_weights_and_lowers_the_loss(tmp_path):
+    """compute_dtype=bfloat16 autocasts the forward passes; the weights it trains stay fp32."""
+    teacher = tiny_model(layers=4, hidden=64, vocab=99)
+    student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, gate=GateConfig(steps=10)))
+    batch = tokens(n=4)
+    cfg = HealConfig(max_steps=3, batch_size=4, lr=1e-3, warmup_steps=1, compute_dtype="bfloat16")
+    with torch.no_grad():
+        before = _step(student, teacher, batch, cfg)["loss"].item()
+    student, state = heal(student, teacher, batch, cfg, tmp_path)
+    with torch.no_grad():
+        after = _step(student, teacher, batch, cfg)["loss"].item()
+    assert state.step == 3 and after < before
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="compute_dtype must be float32 or bfloat16"):
+        HealConfig(max_steps=1, compute_dtype="float16")
+
+
 def test_distillation_alone_drops_the_next_token_loss():
     """ce_weight=0 (Minitron): the loss is the logit KL and nothing else; at ce_weight=1 the CE adds on."""
     teacher = tiny_model(layers=4, hidden=64, vocab=99)
@@ -478,6 +495,21 @@ def test_compress_refuses_a_work_dir_from_other_settings(tmp_path, tiny_dir, cap
     args[args.index("--group-size") + 1] = "3"
     assert main(args) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_compress_refuses_a_work_dir_from_an_older_version(tmp_path, tiny_dir, capsys):
+    """A stage record without this recipe's work-dir version: one line, nothing guessed or redone."""
+    from foldgpt.cli import main
+
+    assert main(compress_args(tmp_path, tiny_dir)) == 0
+    work = next(p for p in tmp_path.iterdir() if p.name.endswith(".work"))
+    stage = json.loads((work / "fold.json").read_text())
+    del stage["version"]
+    (work / "fold.json").write_text(json.dumps(stage))
+    capsys.readouterr()  # the first run's progress bars
+    assert main(compress_args(tmp_path, tiny_dir, "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "older foldgpt (work-dir version 1, this is 2)" in err[0]
 
 
 def test_default_gates_are_part_of_the_fold_key(tmp_path, tiny_dir):
