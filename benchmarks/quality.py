@@ -16,6 +16,7 @@ BASE[+MOD...]:
     +logits / +both / +ce   the cure's distillation target (default: final hidden state)
     +kl       the cure is logit KL at temperature 1 alone, no next-token loss (Minitron)
     +lastK    the cure trains only the last K depths (arXiv 2411.15558)
+    +bf16     the cure's forward passes in bf16 (autocast): more steps in the same minutes
     +norepair no closed-form cut repair
     +slebset  removal only: the blocks the sleb row at this point removed (run it first), so
               FoldGPT's repair, local healing and cure meet SLEB's cure on the same set
@@ -75,8 +76,8 @@ def parse_variant(variant: str) -> tuple[str, int | None, list[str]]:
     if base not in ("removal", "share"):
         raise SystemExit(f"variant {variant!r}: the base must be removal, share or share-dR")
     for m in mods:
-        if m not in ("local", "logits", "both", "ce", "kl", "norepair", "slebset") and not (m.startswith("last") and m[4:].isdigit()):
-            raise SystemExit(f"variant {variant!r}: unknown modifier {m!r} (local, logits, both, ce, kl, lastK, norepair, slebset)")
+        if m not in ("local", "logits", "both", "ce", "kl", "norepair", "slebset", "bf16") and not (m.startswith("last") and m[4:].isdigit()):
+            raise SystemExit(f"variant {variant!r}: unknown modifier {m!r} (local, logits, both, ce, kl, lastK, norepair, slebset, bf16)")
     if "slebset" in mods and (base != "removal" or rank):
         raise SystemExit(f"variant {variant!r}: +slebset is a removal variant")
     return base, rank, mods
@@ -105,6 +106,8 @@ def fold_config(point: str, variant: str, remove: list[int] | None, args, eval_c
     cure.update({"last_blocks": int(m[4:]) for m in mods if m.startswith("last")})
     if "kl" in mods:
         cure.update(distill="logits", ce_weight=0.0, temperature=1.0)
+    if "bf16" in mods:
+        cure.update(compute_dtype="bfloat16")
     fold = {"remove": remove} if remove is not None else {"select": SelectConfig(candidates="gates")}
     if "norepair" in mods:
         fold["repair"] = None
