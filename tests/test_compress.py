@@ -300,33 +300,24 @@ def test_fold_config_checks_against_depth():
 
 # --- cure ---------------------------------------------------------------------------
 
-def test_one_cure_step_reduces_the_loss_on_a_fixed_batch(tmp_path):
-    teacher = tiny_model(layers=4, hidden=64, vocab=99)
-    student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, gate=GateConfig(steps=10)))
-    batch = tokens(n=4)
-    cfg = HealConfig(max_steps=1, batch_size=4, lr=1e-3, warmup_steps=1)
-    with torch.no_grad():
-        before = _step(student, teacher, batch, cfg)["loss"].item()
-    student, state = heal(student, teacher, batch, cfg, tmp_path)
-    with torch.no_grad():
-        after = _step(student, teacher, batch, cfg)["loss"].item()
-    assert state.step == 1 and after < before
-    assert schedule_of(student) == [0, 0, 1]
-
-
-def test_bf16_cure_trains_fp32_weights_and_lowers_the_loss(tmp_path):
+@pytest.mark.parametrize("steps, compute_dtype", [(1, "float32"), (3, "bfloat16")])
+def test_cure_steps_reduce_the_loss_on_a_fixed_batch(tmp_path, steps, compute_dtype):
     """compute_dtype=bfloat16 autocasts the forward passes; the weights it trains stay fp32."""
     teacher = tiny_model(layers=4, hidden=64, vocab=99)
     student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, gate=GateConfig(steps=10)))
     batch = tokens(n=4)
-    cfg = HealConfig(max_steps=3, batch_size=4, lr=1e-3, warmup_steps=1, compute_dtype="bfloat16")
+    cfg = HealConfig(max_steps=steps, batch_size=4, lr=1e-3, warmup_steps=1, compute_dtype=compute_dtype)
     with torch.no_grad():
         before = _step(student, teacher, batch, cfg)["loss"].item()
     student, state = heal(student, teacher, batch, cfg, tmp_path)
     with torch.no_grad():
         after = _step(student, teacher, batch, cfg)["loss"].item()
-    assert state.step == 3 and after < before
+    assert state.step == steps and after < before
+    assert schedule_of(student) == [0, 0, 1]
     assert {p.dtype for p in student.parameters()} == {torch.float32}
+
+
+def test_cure_compute_dtype_is_checked():
     with pytest.raises(ValueError, match="compute_dtype must be float32 or bfloat16"):
         HealConfig(max_steps=1, compute_dtype="float16")
 
