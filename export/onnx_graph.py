@@ -223,8 +223,9 @@ def tied_rows_int8(model) -> int:
     return done
 
 
-INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes in int8 (activations quantized per block): 4.7x the
-# fp32 path's speed for a 1536 x 576 decode matmul on this CPU (AVX-512 VNNI), as 8da4w does on XNNPACK
+INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes in int8 (activations quantized per block), as 8da4w does on
+# XNNPACK: a 1536 x 576 matmul takes 0.33x the fp32 path's time at M=1, 0.85x at M=128 on this CPU
+# (AVX-512 VNNI; benchmarks/results/matmulnbits.md)
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int = 32, method: str = "rtn") -> dict:

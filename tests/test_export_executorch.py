@@ -378,3 +378,14 @@ def test_default_model_folded_passes_the_gate(default_model, tmp_path):
     assert report["unique_weight_bytes"] == count_parameters(model).unique_bytes
     assert report["ratio"] <= 1.02
     assert out.is_file() and (out.parent / "tokenizer.json").is_file()
+    # the app's runtime: ExecuTorch's C++ LLM runner says what eager PyTorch says
+    from export.executorch_runtime import PteLM
+    from export.llm_runner import RunnerLM
+    from tests.conftest import reference_greedy
+
+    prompt = "The capital of France is"
+    text, stats = RunnerLM(out).generate(prompt, 16)
+    ours = PteLM(out)
+    tokens = ours.generate(ours.encode(prompt), 16)
+    assert tokens == reference_greedy(model, ours.encode(prompt), 16, tok.eos_token_id) and len(tokens) > 0
+    assert text == ours.decode(tokens) and stats["generated_tokens"] == len(tokens)

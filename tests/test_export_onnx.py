@@ -560,3 +560,10 @@ def test_default_model_folded_passes_the_gate(default_model, tmp_path):
     assert report["unique_weight_bytes"] == count_parameters(model).unique_bytes
     assert disk <= 1.02 * report["unique_weight_bytes"]
     assert report["initializers"]["bytes"] <= 1.001 * report["unique_weight_bytes"]
+    # the app's runtime: ONNX Runtime GenAI generates eager PyTorch's greedy tokens
+    from export.genai_runner import GenaiLM
+
+    ids = tok("The capital of France is").input_ids
+    tokens, stats = GenaiLM(out).generate(ids, 16)
+    assert tokens == reference_greedy(model, ids, 16, tok.eos_token_id) and len(tokens) > 0
+    assert tokens == get_backend("onnx").generate(out, "The capital of France is", 16)
