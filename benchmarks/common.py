@@ -80,3 +80,15 @@ def paired_difference(a: dict, b: dict) -> tuple[float, float]:
     d = [int(x) - int(y) for x, y in zip(a["correct"], b["correct"])]
     mean = sum(d) / len(d)
     return mean, (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+
+
+def write_table(name: str, payload: dict, title: str, intro: str, columns: dict[str, str], rows: list[dict]) -> None:
+    """results/NAME.json (`payload`) and results/NAME.md: a title, one paragraph and one table
+    whose columns map a header to a row key; prints the Markdown."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    lines = [f"# {title}", "", intro, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(str(r[k]) for k in columns.values()) + " |" for r in rows]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+

@@ -16,15 +16,14 @@ fp32-compute, no-zero-point variant. Writes benchmarks/results/matmulnbits.{json
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import write_table
+
 N, K, BS, CHAIN = 1536, 576, 32, 20
 
 
@@ -80,16 +79,12 @@ def main() -> None:
                          "x_fp32_compute": round(float(np.median(np.asarray(us[v]) / base)), 3)})
             print(rows[-1], flush=True)
     command = ("python benchmarks/matmulnbits.py " + shlex.join(sys.argv[1:])).strip()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "matmulnbits.json").write_text(json.dumps({"command": command, "N": N, "K": K, "block": BS, "rows": rows}, indent=1))
-    lines = ["# ONNX Runtime MatMulNBits on this CPU: compute mode and zero points", "",
-             f"Reproduce: `{command}`. N={N}, K={K}, 4-bit blocks of {BS}, 1 thread, {args.rounds} alternating rounds; "
-             "x fp32 compute: per-round median time ratio to accuracy_level 0 without zero points (lower is faster).", "",
-             "| M | accuracy_level | zero points | us / matmul | x fp32 compute |", "|---|---|---|---|---|"]
-    lines += [f"| {r['M']} | {r['accuracy_level']} | {r['zero_points']} | {r['us_per_matmul']} | {r['x_fp32_compute']} |" for r in rows]
-    (RESULTS / "matmulnbits.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    write_table("matmulnbits", {"command": command, "N": N, "K": K, "block": BS, "rows": rows},
+                "ONNX Runtime MatMulNBits on this CPU: compute mode and zero points",
+                f"Reproduce: `{command}`. N={N}, K={K}, 4-bit blocks of {BS}, 1 thread, {args.rounds} alternating rounds; "
+                "x fp32 compute: per-round median time ratio to accuracy_level 0 without zero points (lower is faster).",
+                {"M": "M", "accuracy_level": "accuracy_level", "zero points": "zero_points", "us / matmul": "us_per_matmul",
+                 "x fp32 compute": "x_fp32_compute"}, rows)
 
 if __name__ == "__main__":
     main()

@@ -11,12 +11,11 @@ this run. Writes benchmarks/results/selftext_speed.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
-from common import RESULTS
+from common import write_table
 from compress.data import DataConfig, generate_batch, sampler_for, seed_prompts
 from compress.load import load_model
 
@@ -47,17 +46,11 @@ def main() -> None:
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["ratio"] = round(r["tokens_per_s"] / base, 2)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "selftext_speed.json").write_text(json.dumps(
-        {"new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "rows": rows}, indent=1))
-    lines = ["# Self-text generation speed", "",
-             f"`python benchmarks/selftext_speed.py --new-tokens {args.new_tokens}`; default model, "
-             f"{torch.get_num_threads()} threads, one batch per setting after a short warm-up (tokens: generated, padding after an EOS not counted).", "",
-             "| setting | tokens | s | tokens/s | x before |", "|---|---|---|---|---|"]
-    lines += [f"| {r['setting']} | {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} | {r['ratio']} |" for r in rows]
-    (RESULTS / "selftext_speed.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    write_table("selftext_speed", {"new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "rows": rows},
+                "Self-text generation speed",
+                f"`python benchmarks/selftext_speed.py --new-tokens {args.new_tokens}`; default model, "
+                f"{torch.get_num_threads()} threads, one batch per setting after a short warm-up (tokens: generated, padding after an EOS not counted).",
+                {"setting": "setting", "tokens": "tokens", "s": "seconds", "tokens/s": "tokens_per_s", "x before": "ratio"}, rows)
 
 if __name__ == "__main__":
     main()
