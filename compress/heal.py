@@ -101,10 +101,9 @@ class HealConfig:
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
         if self.qat_bits is not None:
-            from compress.qat import QAT_BITS
+            from compress.qat import check_bits
 
-            if self.qat_bits not in QAT_BITS:
-                raise ValueError(f"qat_bits must be one of {QAT_BITS} (the exporters' grouped weights), got {self.qat_bits}")
+            check_bits(self.qat_bits)
             if self.lora_rank:
                 raise ValueError("qat_bits with lora_rank: the rounding would be merged into the weights; use one of them")
             if self.qat_group_size < 1:

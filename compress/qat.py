@@ -6,7 +6,8 @@ alone costs about a third in perplexity (benchmarks/results/export_size_executor
 A cure that runs its forward pass on the rounded weights (straight-through gradients to
 the fp32 ones, as in torchao's QAT and ExecuTorch's Llama QAT recipe) heals the fold and
 its rounding together. The saved model stays fp32; at export, the same rounding of the
-same weights gives exactly the weights the cure's last forward used (`rtn` scales).
+same weights gives the 4-bit values and scales the cure's last forward used (`rtn` scales;
+ExecuTorch's XNNPACK then stores the scales in bf16).
 
 The fake quantizer is torchao's `IntxFakeQuantizer` with the scheme torchao's 8da4w
 config uses (int4, symmetric, per group), attached as a parametrization of each unique
@@ -26,13 +27,17 @@ from compress.adapter import get_adapter
 QAT_BITS = (4,)
 
 
+def check_bits(bits: int) -> None:
+    if bits not in QAT_BITS:
+        raise ValueError(f"qat_bits must be one of {QAT_BITS} (the exporters' grouped weights), got {bits}")
+
+
 def fake_quantizer(bits: int, group_size: int) -> nn.Module:
     """w -> the weight its export holds (int4 symmetric groups of `group_size`), straight-through."""
     from torchao.quantization.qat import IntxFakeQuantizeConfig
     from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
 
-    if bits not in QAT_BITS:
-        raise ValueError(f"qat_bits must be one of {QAT_BITS} (the exporters' grouped weights), got {bits}")
+    check_bits(bits)
     return IntxFakeQuantizer(IntxFakeQuantizeConfig(torch.int4, group_size=group_size, is_symmetric=True))
 
 

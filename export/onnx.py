@@ -80,16 +80,14 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
                          f"embedding_bits={cfg.embedding_bits} is not supported")
     if bits == 4 and cfg.group_size not in (16, 32, 64, 128, 256):
         raise ValueError(f"onnx int4: group_size must be a power of two from 16 to 256, got {cfg.group_size}")
-    if bits == 8 and cfg.weight_method is not WeightMethod.RTN:
-        raise ValueError("onnx int8 is dynamic per-tensor quantization; weight_method applies to int4 only")
     require_onnx()
     model, tokenizer = load_model(model_dir)
     if bits == 4:
         import torch
 
-        widths = sorted({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
-        if any(k % cfg.group_size for k in widths):
-            raise ValueError(f"onnx int4 needs input widths divisible by group_size {cfg.group_size}; this model has {widths}")
+        from export.quantize import check_group_widths  # torch: the exporter's half only
+
+        check_group_widths([m for m in model.modules() if isinstance(m, torch.nn.Linear)], cfg.group_size, "onnx int4")
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

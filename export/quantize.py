@@ -12,8 +12,9 @@ Schemes (what the XNNPACK delegate runs):
               to XNNPACK with fp32 weights and wrong logits, so int8 means 8da8w here.
     8da4w  -> int8 dynamic activations, int4 symmetric weights in groups of `group_size`,
               scales by `WeightMethod` (rtn: max|w| / 7.5; hqq: half-quadratic search).
-              ONNX int4 packs the very same 4-bit values (`int4_weights`), so a fold cured
-              on this grid (compress.heal's qat_bits=4) exports without weight error to both.
+              ONNX int4 packs the very same 4-bit values (`int4_weights`; XNNPACK then keeps
+              the group scales in bf16), so a fold cured on this grid (compress.heal's
+              qat_bits=4) exports with no rounding beyond what its cure trained through.
     embedding_bits (tied embedding + head, one tensor): 8 -> the head is 8da8w and the
               embedding gathers from the same int8 tensor (`embedding_byte`); 4 -> the head
               is 8da4w and the embedding gathers 4-bit rows (`embedding_4bit`).
@@ -79,12 +80,15 @@ def check_shapes(model, precision: Precision, group_size: int, embedding_bits: i
     lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if embedding_bits is not None and (lm_head is None or lm_head.weight is not embed.weight):
         raise ValueError("embedding_bits quantizes the embedding shared with the head; this model's embedding is not tied")
-    for group in linear_groups(model):
-        is_head = group[0] is lm_head
-        bits = embedding_bits if is_head else layer_bits(precision)
-        if bits == 4 and group[0].in_features % group_size:
-            raise ValueError(f"8da4w needs input widths divisible by group_size {group_size}; "
-                             f"a Linear has {group[0].in_features}")
+    four_bit = [g[0] for g in linear_groups(model) if (embedding_bits if g[0] is lm_head else layer_bits(precision)) == 4]
+    check_group_widths(four_bit, group_size, "8da4w")
+
+
+def check_group_widths(linears, group_size: int, scheme: str) -> None:
+    """One-line ValueError for the first Linear whose input width does not split into 4-bit groups."""
+    for m in linears:
+        if m.in_features % group_size:
+            raise ValueError(f"{scheme} needs input widths divisible by group_size {group_size}; a Linear has {m.in_features}")
 
 
 def quantize_shared(model, precision: Precision, group_size: int = 32, embedding_bits: int | None = None,

@@ -45,6 +45,9 @@ class ExportConfig:
     def __post_init__(self):
         self.precision = _choice(Precision, self.precision, "precision")
         self.weight_method = _choice(WeightMethod, self.weight_method, "weight method")
+        if self.weight_method is not WeightMethod.RTN and self.precision not in (Precision.INT4, Precision.INT8DA4W):
+            raise ValueError(f"weight_method {self.weight_method.value} applies to 4-bit weights (int4, 8da4w), "
+                             f"not {self.precision.value}")
         if self.max_context < 2:
             raise ValueError(f"max_context must be at least 2, got {self.max_context}")
         if self.embedding_bits not in (None, 4, 8):

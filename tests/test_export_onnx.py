@@ -403,8 +403,10 @@ def test_hqq_scales_lower_the_output_error(folded):
 def test_weight_method_bad_input_is_one_line(folded, tmp_path):
     with pytest.raises(ValueError, match="unknown weight method 'gptq'; choose one of rtn, hqq"):
         ExportConfig(precision="int4", weight_method="gptq")
-    with pytest.raises(ValueError, match="int4 only"):
-        export_onnx(folded[0], tmp_path / "out", ExportConfig(precision="int8", weight_method="hqq"))
+    with pytest.raises(ValueError, match="weight_method hqq applies to 4-bit weights \\(int4, 8da4w\\), not int8"):
+        ExportConfig(precision="int8", weight_method="hqq")
+    with pytest.raises(ValueError, match="onnx int4 needs input widths divisible by group_size 128; a Linear has 32"):
+        export_onnx(folded[0], tmp_path / "out", ExportConfig(precision="int4", group_size=128))
     assert not (tmp_path / "out").exists()
 
 
