@@ -37,17 +37,22 @@ CONFIGS = {
     "share-d32 base mean, local": (32, "svd", "mean", None, True),
     "share-d51 MLP only (same bytes), local": (51, "svd", "scored", "mlp.gate_proj,mlp.up_proj,mlp.down_proj", True),
 }
+# Refill: nothing is deleted; each of the removal row's 10 depths reruns its preceding kept block's
+# weights (shared, so the unique bytes are the removal's plus per-depth norms and deltas) with
+# its own norms scaled by EPS, so it starts near the identity, i.e. near the removal itself;
+# local healing then trains each depth towards its dense block. name -> (rank, norm scale)
+REFILL = {"refill norms x0.1, local": (0, 0.1)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60, help="local healing steps per cut or group")
     ap.add_argument("--ppl-tokens", type=int, default=4096)
-    ap.add_argument("--configs", default=";".join(CONFIGS), help="semicolon list of: " + "; ".join(CONFIGS))
+    ap.add_argument("--configs", default=";".join([*CONFIGS, *REFILL]), help="semicolon list of: " + "; ".join([*CONFIGS, *REFILL]))
     args = ap.parse_args()
     require_dev()
     names = args.configs.split(";")
-    unknown = [n for n in names if n not in CONFIGS]
+    unknown = [n for n in names if n not in CONFIGS and n not in REFILL]
     if unknown:
         raise SystemExit(f"unknown config {unknown[0]!r}")
     if not (SHARE_ROW / "config.json").is_file() or not (REMOVAL_ROW / "config.json").is_file():
@@ -94,8 +99,11 @@ def main() -> None:
             print(f"{name}: kept from {file.name}")
             continue
         t = time.monotonic()
-        if CONFIGS[name] is None:
-            model = pruned(json.loads((REMOVAL_ROW / "config.json").read_text())["fold"]["provenance"]["removed_blocks"])
+        removal_set = json.loads((REMOVAL_ROW / "config.json").read_text())["fold"]["provenance"]["removed_blocks"]
+        if name in REFILL:
+            model = refilled(dense, removal_set, *REFILL[name])
+        elif CONFIGS[name] is None:
+            model = pruned(removal_set)
         else:
             rank, init, base, linears, heal_locally = CONFIGS[name]
             model = copy.deepcopy(base_model)
@@ -110,7 +118,7 @@ def main() -> None:
             share_blocks(model, schedule)
             if rank:
                 add_deltas(model, own, DeltaConfig(rank=rank, init=init, linears=linears))
-        report = local_heal(model, dense, heal, local)[1] if CONFIGS[name] is None or CONFIGS[name][4] else None
+        report = local_heal(model, dense, heal, local)[1] if name in REFILL or CONFIGS[name] is None or CONFIGS[name][4] else None
         ppl = {k: perplexity(model, tok, text, max_tokens=args.ppl_tokens) for k, text in texts.items()}
         rows[name] = {"config": name, "unique_params": count_parameters(model).unique, "steps": args.steps,
                       "ppl_tokens": args.ppl_tokens, **{f"{k}_ppl": round(v, 3) for k, v in ppl.items()},
@@ -118,6 +126,34 @@ def main() -> None:
                       "seconds": round(time.monotonic() - t, 1)}
         print(f"{name}: {rows[name]}", flush=True)
         write(rows, args)
+    write(rows, args)
+
+
+def refilled(dense, removed: list[int], rank: int, eps: float):
+    """The dense model with each `removed` depth sharing its preceding kept block's weights
+    (the first kept block, for a leading run), its norms scaled by `eps`, deltas of `rank`."""
+    import torch
+
+    from compress.adapter import get_adapter
+    from compress.blocks import share_blocks
+    from compress.delta import DeltaConfig, add_deltas
+
+    model = copy.deepcopy(dense)
+    adapter = get_adapter(model)
+    layers = adapter.get_layers(model)
+    kept = [d for d in range(len(layers)) if d not in set(removed)]
+    owner = [max([k for k in kept if k <= d], default=kept[0]) for d in range(len(layers))]
+    schedule = [kept.index(o) for o in owner]
+    names = adapter.shared_param_names(layers[0])
+    own = {d: {n: layers[d].get_parameter(n).detach().clone() for n in names} for d in removed} if rank else {}
+    with torch.no_grad():
+        for d in removed:
+            for n in adapter.norm_param_names(layers[d]):
+                layers[d].get_parameter(n).mul_(eps)
+    share_blocks(model, schedule, sources={kept.index(k): k for k in kept})
+    if rank:  # deltas only where a depth reruns another block's weights; the kept depths stay exact
+        add_deltas(model, {d: own[d] for d in removed}, DeltaConfig(rank=rank))
+    return model
 
 
 def write(rows: dict, args) -> None:
@@ -127,7 +163,9 @@ def write(rows: dict, args) -> None:
              f"Reproduce: `python benchmarks/delta_levers.py --steps {args.steps} --ppl-tokens {args.ppl_tokens}`. "
              "Same removal and shared groups (quality.py's p25 share-d32 row: 6 removed, 5 pairs)",
              "for every share row; local healing bounded in steps per cut or group; no cure. Perplexity on",
-             f"{args.ppl_tokens} tokens of held-out self text and of WikiText-2 (measurement only).", "",
+             f"{args.ppl_tokens} tokens of held-out self text and of WikiText-2 (measurement only).",
+             "Refill: nothing deleted; the removal row's 10 depths each rerun their preceding kept block's",
+             "weights (shared) with their own norms scaled by 0.1 (near the identity), trained locally as a group.", "",
              "| config | unique params | self held-out ppl | wikitext2 ppl | local MSE before -> after (mean over units) |",
              "|---|---|---|---|---|"]
     for r in rows.values():
