@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.adapter import get_adapter
+from compress.registry import enum_choice
 
 
 class DeltaBase(str, Enum):
@@ -47,8 +48,6 @@ class DeltaConfig:
     base: DeltaBase = DeltaBase.SCORED  # what the deltas correct: with deltas the best base may differ
 
     def __post_init__(self):
-        from compress.methods import enum_choice
-
         self.init = enum_choice(DeltaInit, self.init, "delta init")
         self.base = enum_choice(DeltaBase, self.base, "delta base")
         if isinstance(self.linears, str):

@@ -41,6 +41,7 @@ from compress.adapter import get_adapter
 from compress.blocks import schedule_of, share_blocks
 from compress.outputs import Kind, replace_path
 from compress.qat import add_fake_quant, remove_fake_quant
+from compress.registry import enum_choice
 
 
 class Distill(str, Enum):
@@ -77,8 +78,6 @@ class HealConfig:
     seed: int = 0
 
     def __post_init__(self):
-        from compress.methods import enum_choice  # here: compress.methods imports this module
-
         self.distill = enum_choice(Distill, self.distill, "distillation target")
         budgets = {"max_steps": self.max_steps, "max_tokens": self.max_tokens, "max_minutes": self.max_minutes}
         if all(v is None for v in budgets.values()):

@@ -22,7 +22,8 @@ from torch import nn
 
 from compress.adapter import get_adapter
 from compress.blocks import count_parameters, remove_blocks
-from compress.methods import DEFAULT_HEAL_MINUTES, RemovalCount, enum_choice, param_summary, register_method
+from compress.methods import DEFAULT_HEAL_MINUTES, RemovalCount, param_summary, register_method
+from compress.registry import enum_choice
 
 
 class Placement(str, Enum):

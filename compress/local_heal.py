@@ -32,6 +32,7 @@ from compress.adapter import get_adapter
 from compress.blocks import fold_info, schedule_of
 from compress.capture import block_io
 from compress.repair import find_cuts
+from compress.registry import enum_choice
 
 
 class LocalLoss(str, Enum):
@@ -53,8 +54,6 @@ class LocalHealConfig:
     seed: int = 0
 
     def __post_init__(self):
-        from compress.methods import enum_choice
-
         self.loss = enum_choice(LocalLoss, self.loss, "local healing loss")
         if self.max_minutes is None and self.max_steps is None:
             raise ValueError("local healing needs a budget: max_minutes or max_steps")

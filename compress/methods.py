@@ -18,11 +18,11 @@ None it is filled from FoldConfig.removal_rate by `resolved(num_remove)`.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 from compress.heal import HealConfig
+from compress.registry import Registry
 
 DEFAULT_HEAL_MINUTES = 20.0
 
@@ -37,32 +37,28 @@ class Method:
     configured_by_fold: bool = False  # FoldGPT reads CompressConfig.fold; peers their own config
 
 
-_METHODS: dict[str, Method] = {}
 # Modules that register methods when imported, so `get_method` can name them all cheaply.
-_METHOD_MODULES = {"foldgpt": "compress.fold", "shortgpt": "compress.shortgpt", "streamline": "compress.streamline",
-                   "layerchop": "compress.layerchop", "sleb": "compress.sleb"}
+_METHODS: Registry[Method] = Registry("method", {
+    "foldgpt": "compress.fold", "shortgpt": "compress.shortgpt", "streamline": "compress.streamline",
+    "layerchop": "compress.layerchop", "sleb": "compress.sleb"})
 
 
 def register_method(name: str, config: type, heal_minutes: float | None = None, heal_style: dict | None = None,
                     configured_by_fold: bool = False) -> Callable:
     def wrap(fn: Callable) -> Callable:
-        _METHODS[name] = Method(name, fn, config, heal_minutes, heal_style or {}, configured_by_fold)
+        _METHODS.add(name, Method(name, fn, config, heal_minutes, heal_style or {}, configured_by_fold))
         return fn
 
     return wrap
 
 
 def known_methods() -> list[str]:
-    return list(_METHOD_MODULES) + sorted(set(_METHODS) - set(_METHOD_MODULES))
+    return _METHODS.known()
 
 
 def get_method(name: str) -> Method:
     """Raises ValueError listing the known names."""
-    if name not in _METHODS and name in _METHOD_MODULES:
-        importlib.import_module(_METHOD_MODULES[name])
-    if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")
-    return _METHODS[name]
+    return _METHODS.get(name)
 
 
 def given(**options) -> dict:
@@ -113,14 +109,6 @@ class RemovalCount:
 
     def check(self, num_layers: int) -> None:
         check_removal(self.num_remove, num_layers)
-
-
-def enum_choice(enum: type, value, what: str):
-    """`enum(value)`, or a one-line ValueError naming the choices."""
-    try:
-        return enum(value)
-    except ValueError:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(e.value for e in enum)}") from None
 
 
 def check_removal(num_remove: int | None, num_layers: int) -> None:

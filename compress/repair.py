@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from compress.adapter import get_adapter
 from compress.blocks import fold_info, schedule_of
 from compress.capture import batches, block_io
+from compress.registry import enum_choice
 
 
 class RepairFit(str, Enum):
@@ -48,8 +49,6 @@ class RepairConfig:
     ridge: float = 1e-4  # pull towards T = I (no repair), relative to the mean diagonal of M^T M
 
     def __post_init__(self):
-        from compress.methods import enum_choice
-
         self.fit = enum_choice(RepairFit, self.fit, "repair fit")
         if self.batch_size < 1:
             raise ValueError(f"repair batch_size must be positive, got {self.batch_size}")

@@ -33,6 +33,7 @@ from compress.blocks import remove_blocks
 from compress.capture import batches
 from compress.importance import GateConfig, GateResult, learn_gates
 from compress.repair import RepairConfig, repair_cuts
+from compress.registry import enum_choice
 
 
 class Candidate(str, Enum):
@@ -52,8 +53,6 @@ class SelectConfig:
     init_margin: float = 1.0  # gates_from_sleb: starting logit +m for SLEB's kept blocks, -m for its removed ones
 
     def __post_init__(self):
-        from compress.methods import enum_choice
-
         if isinstance(self.candidates, str):
             self.candidates = tuple(c for c in self.candidates.split(",") if c)
         self.candidates = tuple(dict.fromkeys(enum_choice(Candidate, c, "removal candidate") for c in self.candidates))

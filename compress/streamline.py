@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from compress.adapter import get_adapter
 from compress.blocks import count_parameters, remove_blocks
 from compress.capture import batches, block_io, token_cosine
-from compress.methods import enum_choice, param_summary, register_method
+from compress.methods import param_summary, register_method
+from compress.registry import enum_choice
 
 
 class Replacement(str, Enum):

@@ -74,9 +74,7 @@ def export_executorch(model_dir, out, cfg: ExportConfig | None = None, measure: 
     if out.suffix != ".pte":
         raise ValueError(f"{out}: the executorch backend writes a .pte file; name OUT like model.pte")
     out = check_paths(model_dir, out, Kind.PTE, cfg.overwrite)
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"the executorch backend exports {', '.join(p.value for p in PRECISIONS)} "
-                         f"(int8 = 8da8w), not {cfg.precision.value}")
+    BACKEND.check(cfg)  # int8 here is 8da8w
     if cfg.embedding_bits == 4:  # measured on SmolLM2 (dense): 8da4w+emb4 89.7 MiB on disk, 8da4w+emb8 84.8 MiB
         raise ValueError("the executorch backend does not take +emb4: XNNPACK's 4-bit head and embedding_4bit pack "
                          "nibbles differently, so the tied table would be stored twice and the file comes out larger "
@@ -441,4 +439,6 @@ def commit(stage: Path, out: Path, overwrite: bool = False) -> dict[str, Path]:
     return moved
 
 
-BACKEND = register_backend("executorch", export=export_executorch, generate=generate)
+# a .pte file with its tokenizer and report beside it, in its own folder
+BACKEND = register_backend("executorch", export=export_executorch, generate=generate, precisions=PRECISIONS,
+                           artifact="model.pte")

@@ -72,8 +72,7 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
     from compress.format import Kind  # here: the runtime half (OnnxLM) must not import torch
 
     out = check_paths(model_dir, out, Kind.ONNX, cfg.overwrite)
-    if cfg.precision not in (Precision.FP32, Precision.INT8, Precision.INT4):
-        raise ValueError(f"the onnx backend exports fp32, int8 or int4, not {cfg.precision.value}")
+    BACKEND.check(cfg)
     bits = {Precision.INT8: 8, Precision.INT4: 4}.get(cfg.precision)
     if cfg.embedding_bits not in (None, bits):
         raise ValueError(f"onnx: the tied embedding is quantized with the head ({cfg.precision.value}); "
@@ -480,4 +479,5 @@ def commit(stage: Path, out: Path, overwrite: bool = False) -> None:
     replace_path(stage, out, Kind.ONNX, overwrite)
 
 
-BACKEND = register_backend("onnx", export=export_onnx, generate=generate)
+BACKEND = register_backend("onnx", export=export_onnx, generate=generate,
+                           precisions=(Precision.FP32, Precision.INT8, Precision.INT4))

@@ -11,11 +11,12 @@ Heavy dependencies are imported inside those functions, so importing the registr
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Callable
+
+from compress.registry import Registry, enum_choice
 
 
 class Precision(str, Enum):
@@ -43,8 +44,8 @@ class ExportConfig:
     overwrite: bool = False  # replace an existing `out` this tool did not write (never the model itself)
 
     def __post_init__(self):
-        self.precision = _choice(Precision, self.precision, "precision")
-        self.weight_method = _choice(WeightMethod, self.weight_method, "weight method")
+        self.precision = enum_choice(Precision, self.precision, "precision")
+        self.weight_method = enum_choice(WeightMethod, self.weight_method, "weight method")
         if self.weight_method is not WeightMethod.RTN and self.precision not in (Precision.INT4, Precision.INT8DA4W):
             raise ValueError(f"weight_method {self.weight_method.value} applies to 4-bit weights (int4, 8da4w), "
                              f"not {self.precision.value}")
@@ -61,15 +62,6 @@ class ExportConfig:
         return cls(precision=name, embedding_bits=bits, **kwargs)
 
 
-def _choice(enum: type, value, what: str):
-    """`enum(value)`, or a one-line ValueError naming the choices (compress.methods.enum_choice's
-    twin: the registry must not import compress, which imports torch)."""
-    try:
-        return enum(value)
-    except ValueError:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(e.value for e in enum)}") from None
-
-
 def split_precision(spec: str) -> tuple[str, int | None]:
     """'8da4w+emb8' -> ('8da4w', 8), 'fp32' -> ('fp32', None): the one parser of a precision
     string, for exports and for the runtime report (which also names runtimes' own, e.g. q4_1)."""
@@ -84,30 +76,37 @@ class Backend:
     name: str
     export: Callable[..., dict]
     generate: Callable[..., list]
+    precisions: tuple[Precision, ...]  # what it exports; anything else is refused before any work
+    artifact: str | None = None  # the file an export writes inside its own folder (None: the folder is the artifact)
+
+    def check(self, cfg: ExportConfig) -> None:
+        """One-line ValueError for a precision this backend does not export."""
+        if cfg.precision not in self.precisions:
+            raise ValueError(f"the {self.name} backend exports {', '.join(p.value for p in self.precisions)}, "
+                             f"not {cfg.precision.value}")
+
+    def artifact_path(self, folder: Path) -> Path:
+        """Where an export in `folder` (which also holds its report) writes its artifact."""
+        return folder if self.artifact is None else folder / self.artifact
 
 
-_BACKENDS: dict[str, Backend] = {}
-# Modules that register backends when imported; listed here so `get_backend` can name
-# every backend without importing onnxruntime or executorch up front.
-_BACKEND_MODULES = {"onnx": "export.onnx", "executorch": "export.executorch"}
+# The modules that register backends when imported, so `get_backend` can name every
+# backend without importing onnxruntime or executorch up front.
+_BACKENDS: Registry[Backend] = Registry("backend", {"onnx": "export.onnx", "executorch": "export.executorch"})
 
 
-def register_backend(name: str, export: Callable[..., dict], generate: Callable[..., list]) -> Backend:
-    _BACKENDS[name] = Backend(name, export, generate)
-    return _BACKENDS[name]
+def register_backend(name: str, export: Callable[..., dict], generate: Callable[..., list],
+                     precisions: tuple[Precision, ...], artifact: str | None = None) -> Backend:
+    return _BACKENDS.add(name, Backend(name, export, generate, tuple(precisions), artifact))
 
 
 def known_backends() -> list[str]:
-    return sorted(set(_BACKENDS) | set(_BACKEND_MODULES))
+    return _BACKENDS.known()
 
 
-def get_backend(name: str):
-    """An instance of the backend called `name`. Raises ValueError listing the known names."""
-    if name not in _BACKENDS and name in _BACKEND_MODULES:
-        importlib.import_module(_BACKEND_MODULES[name])
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(known_backends())}")
-    return _BACKENDS[name]
+def get_backend(name: str) -> Backend:
+    """The backend called `name`. Raises ValueError listing the known names."""
+    return _BACKENDS.get(name)
 
 
 def check_paths(model_dir: Path, out: Path, kind, overwrite: bool = False) -> Path:

@@ -35,14 +35,14 @@ DEFAULT_EXPORTS = (("onnx", "fp32"), ("onnx", "int4"), ("executorch", "8da4w+emb
 
 def parse_exports(spec: str) -> tuple[tuple[str, str], ...]:
     """'onnx:fp32,executorch:8da4w+emb8' -> (("onnx", "fp32"), ("executorch", "8da4w+emb8"))."""
-    from export.registry import ExportConfig, known_backends
+    from export.registry import ExportConfig, get_backend, known_backends
 
     pairs = []
     for item in filter(None, (x.strip() for x in spec.split(","))):
         backend, sep, precision = item.partition(":")
         if not sep or backend not in known_backends():
             raise ValueError(f"export {item!r}: write BACKEND:PRECISION with BACKEND one of {', '.join(known_backends())}")
-        ExportConfig.from_spec(precision)  # a bad precision fails here, before any work
+        get_backend(backend).check(ExportConfig.from_spec(precision))  # a bad precision fails here, before any work
         pairs.append((backend, precision))
     if not pairs:
         raise ValueError("--exports is empty")
@@ -246,12 +246,12 @@ def export_all(models: dict[str, Path], cfg: RunConfig, root: Path) -> dict[str,
     for name, model_dir in models.items():
         rows = results.setdefault(name, [])
         for backend, precision in cfg.exports:
-            path = root / f"{name}-{backend}-{precision}"
-            if backend == "executorch":  # a .pte file with its tokenizer beside it, in its own folder
-                path.mkdir(parents=True, exist_ok=True)
-                path = path / "model.pte"
+            folder = root / f"{name}-{backend}-{precision}"
+            path = get_backend(backend).artifact_path(folder)
+            if path != folder:
+                folder.mkdir(parents=True, exist_ok=True)
             row = {"backend": backend, "precision": precision, "path": str(path)}
-            report_file = path.parent / "export_report.json" if backend == "executorch" else path / "export_report.json"
+            report_file = folder / "export_report.json"
             if path.exists():
                 row["status"] = "ok"
                 rows.append(row)

@@ -27,6 +27,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from compress.registry import Registry
+
 
 class Runner(Protocol):
     max_context: int | None
@@ -45,31 +47,29 @@ class Runtime:
     reads: str | None  # the export backend whose artifacts it runs (None: a model dir or a GGUF)
 
 
-_RUNTIMES: dict[str, Runtime] = {}
+_RUNTIMES: Registry[Runtime] = Registry("runtime")
 
 
 def register_runtime(name: str, preload: tuple[str, ...], warm: Callable[[str], None] = lambda artifact: None,
                      reads: str | None = None):
     """Class decorator: the runner class of runtime `name`."""
     def add(cls):
-        _RUNTIMES[name] = Runtime(name, cls, preload, warm, reads)
+        _RUNTIMES.add(name, Runtime(name, cls, preload, warm, reads))
         return cls
     return add
 
 
 def known_runtimes() -> list[str]:
-    return sorted(_RUNTIMES)
+    return _RUNTIMES.known()
 
 
 def get_runtime(name: str) -> Runtime:
-    if name not in _RUNTIMES:
-        raise ValueError(f"unknown runtime backend {name!r}; known: {', '.join(known_runtimes())}")
-    return _RUNTIMES[name]
+    return _RUNTIMES.get(name)
 
 
 def runtimes_reading(export_backend: str) -> list[str]:
     """Every runtime that runs `export_backend`'s artifacts: ours and the one apps ship."""
-    return [name for name, rt in sorted(_RUNTIMES.items()) if rt.reads == export_backend]
+    return [name for name, rt in _RUNTIMES if rt.reads == export_backend]
 
 
 def make_runner(backend: str, artifact, threads: int | None = None) -> Runner:

@@ -481,7 +481,7 @@ def test_out_inside_model_dir_is_rejected(folded):
 
 
 def test_unsupported_precision_and_embedding_bits(folded, tmp_path):
-    with pytest.raises(ValueError, match="fp32, int8 or int4"):
+    with pytest.raises(ValueError, match="onnx backend exports fp32, int8, int4, not 8da4w"):
         export_onnx(folded[0], tmp_path / "out", ExportConfig(precision="8da4w"))
     with pytest.raises(ValueError, match="embedding_bits"):
         export_onnx(folded[0], tmp_path / "out", ExportConfig(precision="int4", embedding_bits=8))

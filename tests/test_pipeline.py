@@ -64,7 +64,7 @@ def test_run_makes_every_stage_and_resumes(tmp_path, source, monkeypatch):
     import export.registry as registry
     from dataclasses import replace
 
-    monkeypatch.setitem(registry._BACKENDS, "onnx",
+    monkeypatch.setitem(registry._BACKENDS.entries, "onnx",
                         replace(onnx.BACKEND, export=lambda *a, **k: pytest.fail("finished export was redone")))
     pipeline.run(config(tmp_path, source))
 
@@ -80,7 +80,7 @@ def test_failed_export_is_recorded_and_the_run_goes_on(tmp_path, source, monkeyp
 
     import export.registry as registry
 
-    monkeypatch.setitem(registry._BACKENDS, "onnx", replace(onnx.BACKEND, export=lambda *a, **k: broken()))
+    monkeypatch.setitem(registry._BACKENDS.entries, "onnx", replace(onnx.BACKEND, export=lambda *a, **k: broken()))
     summary = pipeline.run(config(tmp_path, source))
     row = summary["exports"]["folded"][0]
     assert row["status"] == "failed" and "unsupported op" in row["error"]
@@ -112,9 +112,36 @@ def test_exports_spec_parses_and_rejects_bad_input():
     cfg = ExportConfig.from_spec("8da4w+emb4", max_context=64)
     assert (cfg.precision.value, cfg.embedding_bits, cfg.max_context) == ("8da4w", 4, 64)
     for bad, match in (("tflite:fp32", "BACKEND:PRECISION"), ("onnx", "BACKEND:PRECISION"),
-                       ("onnx:int3", "unknown precision"), ("executorch:8da4w+emb2", "suffixes"), (",", "empty")):
+                       ("onnx:int3", "unknown precision"), ("executorch:8da4w+emb2", "suffixes"), (",", "empty"),
+                       ("onnx:8da4w", "onnx backend exports fp32, int8, int4, not 8da4w")):
         with pytest.raises(ValueError, match=match):
             parse_exports(bad)
+
+
+def test_a_new_export_backend_is_one_registration(tmp_path, monkeypatch):
+    """A dummy backend, registered once, is accepted by --exports (its precisions, no others)
+    and written by the run's export stage where it says, its report beside the artifact."""
+    import export.registry as registry
+    from export.registry import Precision, register_backend
+    from foldgpt.pipeline import RunConfig, export_all, parse_exports
+
+    monkeypatch.setattr(registry._BACKENDS, "entries", dict(registry._BACKENDS.entries))
+    written = []
+
+    def export(model_dir, out, cfg, measure=True):
+        out.write_text(f"{cfg.precision.value} of {model_dir}")
+        written.append(out)
+        return {"precision": cfg.precision.value}
+
+    register_backend("dummy", export=export, generate=lambda *a, **k: [], precisions=(Precision.INT8,), artifact="m.bin")
+    exports = parse_exports("dummy:int8")
+    with pytest.raises(ValueError, match="dummy backend exports int8, not fp32"):
+        parse_exports("dummy:fp32")
+    rows = export_all({"folded": tmp_path / "model"}, RunConfig(exports=exports), tmp_path / "exports")["folded"]
+    folder = tmp_path / "exports" / "folded-dummy-int8"
+    assert rows == [{"backend": "dummy", "precision": "int8", "path": str(folder / "m.bin"), "status": "ok"}]
+    assert written == [folder / "m.bin"] and (folder / "m.bin").read_text().startswith("int8 of")
+    assert json.loads((folder / "export_report.json").read_text()) == {"precision": "int8"}
 
 
 def test_timing_section_splits_compress_into_its_stages():

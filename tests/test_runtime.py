@@ -142,7 +142,7 @@ def test_static_context_skips_long_prompts(models):
 
 
 def test_unknown_runtime_backend_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known: etrunner, executorch, genai, llamacpp, onnx, torch"):
+    with pytest.raises(ValueError, match="known runtimes: etrunner, executorch, genai, llamacpp, onnx, torch"):
         make_runner("tflite", "x")
 
 
@@ -298,7 +298,7 @@ def test_a_new_runtime_is_one_registration(monkeypatch):
     from runtime_tests.bench import BenchConfig
     from runtime_tests.memory import memory_job
 
-    monkeypatch.setattr(runtimes, "_RUNTIMES", dict(runtimes._RUNTIMES))
+    monkeypatch.setattr(runtimes._RUNTIMES, "entries", dict(runtimes._RUNTIMES.entries))
 
     @runtimes.register_runtime("dummy", preload=("numpy",))
     class Dummy:
