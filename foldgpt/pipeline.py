@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from compress.data import DataConfig
+from compress.fold import FoldConfig
 from compress.format import WEIGHTS_NAME, format_summary, summarize
+from compress.heal import HealConfig
+from compress.importance import GateConfig
 from compress.load import DEFAULT_MODEL, save_dense
 from compress.outputs import Kind, check_output, mark, write_atomic
+from compress.select import SelectConfig
 
 # (backend, precision) pairs exported for each model, chosen to fit the 30-minute budget:
 # ONNX fp32, which the parity gate pins exactly, and ExecuTorch 8da4w with the tied
@@ -49,34 +54,46 @@ def parse_exports(spec: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def default_fold() -> FoldConfig:
+    """10 of 30 blocks removed, none shared: 20 depths, ~26% fewer parameters. At this size a
+    shared pair costs more quality than a removed block of the same bytes, with or without
+    per-depth deltas (benchmarks/results/quality.md, p25), so the default removes only. The
+    gates alone propose the removal (still scored on held-back windows): proposing with every
+    candidate took 31 min at 10 of 30 blocks, and the gates' set won there
+    (benchmarks/results/cut_repair_r10.md). A sharing fold: num_unique_blocks below the kept
+    depths (e.g. removal_rate 0.2, num_unique_blocks 20)."""
+    return FoldConfig(removal_rate=1 / 3, group_size=None, num_unique_blocks=20, gate=GateConfig(),
+                      select=SelectConfig(candidates="gates"))
+
+
 @dataclass
 class RunConfig:
+    """The main job's settings. Like ExecuTorch's LlmConfig it holds each stage's own config,
+    validated where it is defined, and adds only what belongs to the run."""
+
     model: str = DEFAULT_MODEL
     out: str = "runs/main"
     dtype: str = "float32"
-    # 10 of 30 blocks removed, none shared: 20 depths, ~26% fewer parameters. At this size a
-    # shared pair costs more quality than a removed block of the same bytes, with or without
-    # per-depth deltas (benchmarks/results/quality.md, p25), so the default removes only.
-    # A sharing fold: unique_blocks below the kept depths (e.g. removal_rate 0.2, unique_blocks 20).
-    removal_rate: float = 1 / 3
-    unique_blocks: int | None = 20
-    heal_minutes: float = 5.0
-    heal_sequences: int = 128  # 256-token windows: ~2 passes in a 5-minute cure (64 overfit: 15+ passes in 20 min)
+    fold: FoldConfig = field(default_factory=default_fold)
+    heal: HealConfig = field(default_factory=lambda: HealConfig(max_minutes=5.0))
+    # 256-token windows; FoldGPT holds 8 calibration windows back to score which blocks go;
+    # 128 healing windows: ~2 passes in a 5-minute cure (64 overfit: 15+ passes in 20 min)
+    calib: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=40))
+    heal_data: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=128, seed=1))
     exports: tuple[tuple[str, str], ...] = DEFAULT_EXPORTS
     max_context: int = 640  # static KV cache of the ExecuTorch programs: 512-token prompts + 128 decoded
+    bench: bool = True
     profile: str | None = None  # default: runtime_tests' default profile
     repeats: int = 3  # TTFT runs per prompt length
     rounds: int = 5  # decode rounds, dense beside folded (runtime_tests.latency.decode_rounds)
-    bench: bool = True
-    seq_len: int = 256
-    gate_steps: int | None = None  # None: compress.importance.GateConfig's default
-    calib_sequences: int = 40  # FoldGPT holds 8 back to score which blocks go
-    # The gates alone propose the removal (still scored on the held-back windows): proposing with
-    # every candidate took 31 min at 10 of 30 blocks, and the gates' set won there
-    # (benchmarks/results/cut_repair_r10.md)
-    removal_candidates: str = "gates"
     quality_tokens: int = 4096  # held-out self text the folded model's perplexity is measured on (0: skip)
     overwrite: bool = False  # write into an existing OUT this tool did not make (never one holding the model)
+
+    def __post_init__(self):
+        if self.quality_tokens < 0 or self.max_context < 2 or self.repeats < 1 or self.rounds < 1:
+            raise ValueError(f"quality_tokens >= 0, max_context >= 2, repeats and rounds >= 1 (got {self.quality_tokens}, "
+                             f"{self.max_context}, {self.repeats}, {self.rounds})")
+        parse_exports(",".join(f"{b}:{p}" for b, p in self.exports))  # a bad pair fails here
 
 
 def _stage(name: str, text: str) -> float:
@@ -86,18 +103,8 @@ def _stage(name: str, text: str) -> float:
 
 def run(cfg: RunConfig) -> dict:
     """Run stages 1-4 (each skipped when its artifact exists); returns a summary dict."""
-    from compress.data import DataConfig
-    from compress.fold import FoldConfig
-    from compress.heal import HealConfig
-    from compress.importance import GateConfig
-    from compress.methods import given
     from compress.recipe import CompressConfig, compress
-    from compress.select import SelectConfig
 
-    fold_cfg = FoldConfig(removal_rate=cfg.removal_rate, group_size=None if cfg.unique_blocks else 2,
-                          num_unique_blocks=cfg.unique_blocks, gate=GateConfig(**given(steps=cfg.gate_steps)),
-                          select=SelectConfig(candidates=cfg.removal_candidates))
-    heal_cfg = HealConfig(max_minutes=cfg.heal_minutes)  # validates the budget before any work
     # the settings are checked above, before OUT is made: a bad one leaves nothing behind
     out = mark(check_output(cfg.out, Kind.RUN, inputs=(cfg.model,), overwrite=cfg.overwrite), Kind.RUN)
     timings: dict[str, float] = {}
@@ -106,13 +113,13 @@ def run(cfg: RunConfig) -> dict:
     dense_dir = save_dense(cfg.model, out / "dense", cfg.dtype)
     timings["dense_s"] = time.monotonic() - t
 
-    t = _stage("2/4 compress", f"removal {cfg.removal_rate:.3g}, unique blocks {cfg.unique_blocks}, {cfg.heal_minutes} min of healing")
+    t = _stage("2/4 compress", f"removal {cfg.fold.removal_rate:.3g}, unique blocks {cfg.fold.num_unique_blocks}, "
+                               f"{cfg.heal.max_minutes} min of healing")
     folded_dir = out / "folded"
     if not (folded_dir / WEIGHTS_NAME).is_file():
         compress(CompressConfig(
-            out=str(folded_dir), model=str(dense_dir), dtype=cfg.dtype, fold=fold_cfg, heal=heal_cfg, resume=True,
-            calib=DataConfig(num_sequences=cfg.calib_sequences, seq_len=cfg.seq_len),
-            heal_data=DataConfig(num_sequences=cfg.heal_sequences, seq_len=cfg.seq_len, seed=1),
+            out=str(folded_dir), model=str(dense_dir), dtype=cfg.dtype, fold=cfg.fold, heal=cfg.heal, resume=True,
+            calib=cfg.calib, heal_data=cfg.heal_data,
         ))
     timings["compress_s"] = time.monotonic() - t
     from compress.format import load_folded

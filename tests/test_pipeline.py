@@ -9,29 +9,37 @@ from tests.conftest import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture
-def source(tmp_path, monkeypatch):
-    path = save_folded(tiny_model(layers=6, hidden=64, vocab=99), tmp_path / "src", tiny_tokenizer())
-    text = tmp_path / "text.txt"
-    text.write_text(("A short story about folding shared weights. " * 20 + "\n\n") * 10)
-    # the tiny model has no chat template worth sampling from: point `self` data at a file instead
+def text(tmp_path, monkeypatch):
+    """Calibration and healing text from a file (the run's data source), and held-out text from
+    it too: the tiny model has no chat template worth sampling from."""
+    file = tmp_path / "text.txt"
+    file.write_text(("A short story about folding shared weights. " * 20 + "\n\n") * 10)
     import compress.data as data
 
-    real = data.DataConfig.__post_init__
-
-    def use_file(self):
-        if self.source == "self":
-            self.source = str(text)
-        real(self)
-
-    monkeypatch.setattr(data.DataConfig, "__post_init__", use_file)
-    return path
+    monkeypatch.setattr(data, "held_out_text", lambda model, tok, tokens: file.read_text())
+    return file
 
 
-def config(tmp_path, source, **kw):
+@pytest.fixture
+def source(tmp_path, text):
+    return save_folded(tiny_model(layers=6, hidden=64, vocab=99), tmp_path / "src", tiny_tokenizer())
+
+
+def config(tmp_path, source, fold=None, heal=None, **kw):
+    from compress.data import DataConfig
+    from compress.fold import FoldConfig
+    from compress.heal import HealConfig
+    from compress.importance import GateConfig
+    from compress.select import SelectConfig
     from foldgpt.pipeline import RunConfig
 
-    base = dict(model=str(source), out=str(tmp_path / "run"), removal_rate=0.34, unique_blocks=None,
-                heal_minutes=0.05, heal_sequences=8, calib_sequences=12, seq_len=16, gate_steps=5,
+    text = str(tmp_path / "text.txt")
+    base = dict(model=str(source), out=str(tmp_path / "run"),
+                fold=FoldConfig(**{"removal_rate": 0.34, "gate": GateConfig(steps=5),
+                                   "select": SelectConfig(candidates="gates"), **(fold or {})}),
+                heal=HealConfig(**{"max_minutes": 0.05, **(heal or {})}),
+                calib=DataConfig(source=text, num_sequences=12, seq_len=16),
+                heal_data=DataConfig(source=text, num_sequences=8, seq_len=16, seed=1),
                 exports=(("onnx", "fp32"),), max_context=64, bench=False)
     base.update(kw)
     return RunConfig(**base)
@@ -89,7 +97,8 @@ def test_failed_export_is_recorded_and_the_run_goes_on(tmp_path, source, monkeyp
 def test_bad_settings_fail_before_the_run_folder_is_made(tmp_path, source):
     from foldgpt import pipeline
 
-    for bad, match in ((dict(removal_rate=1.5), "removal_rate"), (dict(heal_minutes=-1), "max_minutes must be positive")):
+    for bad, match in ((dict(fold={"removal_rate": 1.5}), "removal_rate"), (dict(heal={"max_minutes": -1}), "max_minutes must be positive"),
+                       (dict(exports=(("onnx", "8da4w"),)), "onnx backend exports"), (dict(quality_tokens=-1), "quality_tokens")):
         with pytest.raises(ValueError, match=match):
             pipeline.run(config(tmp_path, source, **bad))
         assert not (tmp_path / "run").exists()
