@@ -152,7 +152,10 @@ def _flat_kv_module(model):
 
     class FlatKVCausalLM(torch.nn.Module):
         """(input_ids, attention_mask, position_ids, k0, v0, k1, v1, ...) -> (logits, k0', v0', ...):
-        the explicit past/present tensors ONNX Runtime GenAI and optimum use."""
+        the explicit past/present tensors ONNX Runtime GenAI and optimum use. Logits of the
+        last position only (batch, 1, vocab), as a runner needs: the head is about a fifth
+        of a 512-token prefill here. ONNX Runtime GenAI reads such a graph as "pruned"
+        when the output's second dimension is a literal 1 (`last_row_logits`)."""
 
         def __init__(self):
             super().__init__()
@@ -161,7 +164,7 @@ def _flat_kv_module(model):
         def forward(self, input_ids, attention_mask, position_ids, *past):
             cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])), config=model.config)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True)
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
             return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
 
     return FlatKVCausalLM().eval()
@@ -198,6 +201,7 @@ def trace(model, path: Path, tied_head_rows: bool = True) -> dict:
         raise ValueError(f"cannot export {model.config.model_type} to ONNX: {first[:300]}") from None
     stats = onnx_graph.pretranspose_weights(program.model, tied_head_rows)
     program.optimize()  # onnxscript: constant folding, CSE; after pretranspose (see onnx_graph)
+    onnx_graph.last_row_logits(program.model)
     common.ClearMetadataAndDocStringPass()(program.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx_graph.save(program.model, path)
@@ -282,8 +286,10 @@ def package(stage: Path, config, tokenizer, cfg: ExportConfig) -> None:
 class OnnxLM:
     """One ONNX Runtime session and the KV cache of one sequence (batch 1).
 
-    The reference decode loop: `step(ids)` appends tokens and returns their logits
-    (len(ids), vocab); `steps()` is a fresh-sequence factory for `export.parity`.
+    The reference decode loop: `step(ids)` appends tokens and returns the logits the graph
+    gives, the last position's (1, vocab) for this exporter's graphs (every position's for
+    graphs exported before it); `steps()` is a fresh-sequence factory for `export.parity`
+    that gives every fed token's logits either way.
     """
 
     def __init__(self, path, num_threads: int | None = None, prepack: bool = True, release_pages: bool = True):
@@ -297,6 +303,7 @@ class OnnxLM:
         self.present_names = ["present." + n.removeprefix("past_key_values.") for n in self.past_names]
         shape = next(i.shape for i in self.session.get_inputs() if i.name == self.past_names[0])  # (B, kv_heads, P, head_dim)
         self.kv_heads, self.head_dim = shape[1], shape[3]
+        self.last_row = self.session.get_outputs()[0].shape[1] == 1
         self.reset()
 
     def reset(self) -> None:
@@ -315,8 +322,23 @@ class OnnxLM:
         return logits[0]
 
     def steps(self):
+        """Every fed token's logits. With a last-row graph a multi-token call feeds all but
+        its last token one at a time (the decode path gives the earlier rows), then prefills
+        the whole call from its start (the prefill path: the last row and the cache the
+        next calls read), as export.executorch_runtime.PteLM.steps does."""
         self.reset()
-        return self.step
+        if not self.last_row:
+            return self.step
+
+        def step(ids) -> np.ndarray:
+            ids = [int(t) for t in np.asarray(ids).reshape(-1)]
+            past, length = self.past, self.length
+            rows = [self.step([t])[-1] for t in ids[:-1]]
+            self.past, self.length = past, length
+            rows.append(self.step(ids)[-1])
+            return np.stack(rows)
+
+        return step
 
 
 def session_options(num_threads: int | None = None, prepack: bool = True):

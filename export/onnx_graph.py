@@ -134,6 +134,18 @@ def save(model, path: Path) -> None:
     ir.save(model, path, external_data=path.name + DATA_SUFFIX)
 
 
+def last_row_logits(model) -> None:
+    """Declare the `logits` output (batch, 1, vocab), with a literal 1. The traced graph keeps
+    one row already (logits_to_keep=1), but torch.export may name that dimension; ONNX
+    Runtime GenAI takes a graph as last-row only ("pruned") when it reads a 1 there, and
+    otherwise allocates a row per prompt token and fails on the smaller output."""
+    import onnx_ir as ir
+
+    logits = next(v for v in model.graph.outputs if v.name == "logits")
+    batch, _, vocab = logits.shape
+    logits.shape = ir.Shape([batch, 1, vocab])
+
+
 def clean(model) -> None:
     """Drop per-node stack traces and doc strings (about 1.6 KB a node) from `model`."""
     import onnx_ir.passes.common as common

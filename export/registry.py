@@ -5,6 +5,9 @@ A backend is a `Backend` entry of two functions, registered by the module that d
         writes `out`, returns a report; measure=False skips the size/memory probes
         (a caller that runs the memory harness anyway)
     generate(artifact: Path, prompt: str, max_new_tokens: int, on_token=None) -> list[int]
+with the precisions it exports (checked before any work, by the CLI and `foldgpt run` too)
+and where its artifact lies in an export's folder (`artifact_path`). The runtimes that run
+an artifact are runtime_tests.runtimes' entries, each naming the backend it reads.
 Heavy dependencies are imported inside those functions, so importing the registry
 (and the CLI) stays cheap and a missing package becomes an install hint.
 """

@@ -83,13 +83,15 @@ def holders(model, arrays: dict[str, np.ndarray]) -> dict[str, list[str]]:
 
 
 def test_export_reads_compress_only_through_format():
+    """The folded format is the only bridge for models; compress.registry (the one registry
+    helper, no model code) is the other module export/ may import."""
     for file in EXPORT_DIR.glob("*.py"):
         for node in ast.walk(ast.parse(file.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
             for name in names:
                 if name == "compress" or name.startswith("compress."):
-                    assert name == "compress.format", f"{file.name} imports {name}"
+                    assert name in ("compress.format", "compress.registry"), f"{file.name} imports {name}"
 
 
 def test_the_onnx_runtime_side_does_not_import_torch():
@@ -149,6 +151,24 @@ def test_tied_embedding_stored_once(fp32, folded):
     assert len(holding) == 1 and np.array_equal(arrays[holding[0]], w)  # fp32: rows, read by Gather and the head
     users = {node.op_type for node in ir.load(out / "model.onnx").graph for v in node.inputs if v is not None and v.name == holding[0]}
     assert users == {"MatMul", "Gather"}
+
+
+def test_graphs_return_the_last_row_as_genai_reads_it(fp32, int8, int4, folded):
+    """The head runs on the last position only, and the output says so with a literal 1
+    (what ONNX Runtime GenAI needs to take it as last-row only, and greedy tokens equal eager's
+    through GenAI in test_onnx_runtime_genai_generates_what_our_runner_does)."""
+    import onnx as onnx_proto
+
+    ids = [5, 17, 23, 42, 8, 9]
+    for out, _ in (fp32, int8, int4):
+        logits = onnx_proto.load(out / "model.onnx", load_external_data=False).graph.output[0]
+        dims = logits.type.tensor_type.shape.dim
+        assert logits.name == "logits" and len(dims) == 3 and dims[1].HasField("dim_value") and dims[1].dim_value == 1
+        lm = OnnxLM(out / "model.onnx")
+        assert lm.last_row and lm.step(ids).shape == (1, 99)
+    with torch.no_grad():
+        reference = folded[1](torch.tensor([ids])).logits[0, -1].numpy()
+    np.testing.assert_allclose(OnnxLM(fp32[0] / "model.onnx").step(ids)[0], reference, atol=1e-4)
 
 
 def test_kv_cache_decode_equals_full_forward(fp32, folded):
