@@ -94,14 +94,18 @@ def bench_onnx(model_dir: Path, precision: str, out: Path) -> dict:
     }
 
 
+def _head(backend: str, result: dict, columns: list[str]) -> list[str]:
+    """Title, command, machine, note and the table's header rows."""
+    return [f"# Export size: {backend}", "", f"`{result['command']}`  ", f"{result['machine']}, {result['date']}", "",
+            result["note"], "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def onnx_markdown(result: dict) -> str:
     mb = 1024 * 1024
-    lines = ["# Export size: onnx", "", f"`{result['command']}`  ", f"{result['machine']}, {result['date']}", "",
-             result["note"], "",
-             "| model | precision | unique weights MiB | on disk MiB (x) | ORT optimized MiB (x) "
-             "| RSS after load MiB (x) | resident weights MiB (x) | resident, mapped pages kept MiB (x) "
-             "| resident, no prepack MiB (x) | session overhead MiB | parity |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = _head("onnx", result, [
+        "model", "precision", "unique weights MiB", "on disk MiB (x)", "ORT optimized MiB (x)", "RSS after load MiB (x)",
+        "resident weights MiB (x)", "resident, mapped pages kept MiB (x)", "resident, no prepack MiB (x)",
+        "session overhead MiB", "parity"])
 
     def cell(b, ratio):
         return "n/a" if b is None else f"{b / mb:.2f} ({ratio:.4f})"
@@ -153,12 +157,10 @@ def bench_executorch(model_dir: Path, spec: str, out: Path) -> dict:
 
 def executorch_markdown(result: dict) -> str:
     mb = 1024 * 1024
-    lines = ["# Export size: executorch", "", f"`{result['command']}`  ", f"{result['machine']}, {result['date']}", "",
-             result["note"], "",
-             "| model | precision | unique weights MiB | .pte (+ .ptd) MiB (x) | resident MiB (x) | "
-             "resident MiB (x), mapped pages kept | resident MiB (x), no weight cache | planned MiB | "
-             "weights resident (x) = resident - planned | decode ms/token | export s | parity |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = _head("executorch", result, [
+        "model", "precision", "unique weights MiB", ".pte (+ .ptd) MiB (x)", "resident MiB (x)",
+        "resident MiB (x), mapped pages kept", "resident MiB (x), no weight cache", "planned MiB",
+        "weights resident (x) = resident - planned", "decode ms/token", "export s", "parity"])
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['precision']} | | | | | | | | | | FAIL: {r['error']} |")
