@@ -81,7 +81,7 @@ class RunConfig:
     calib: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=40))
     heal_data: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=128, seed=1))
     exports: tuple[tuple[str, str], ...] = DEFAULT_EXPORTS
-    max_context: int = 640  # static KV cache of the ExecuTorch programs: 512-token prompts + 128 decoded
+    max_context: int = 1152  # static KV cache of the ExecuTorch programs: 1024-token prompts + 128 decoded
     bench: bool = True
     profile: str | None = None  # default: runtime_tests' default profile
     repeats: int = 3  # TTFT runs per prompt length

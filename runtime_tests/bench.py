@@ -34,7 +34,7 @@ import numpy as np
 
 from compress.outputs import Kind, check_output, mark
 from export.registry import split_precision
-from runtime_tests.emulate import Isolation, project_decode, run_isolated, shape_of
+from runtime_tests.emulate import Isolation, project_decode, project_prefill, run_isolated, shape_of
 from runtime_tests.latency import DECODE_TOKENS, PROMPT_LENGTHS, decode_summary, round_ratio
 from runtime_tests.runtimes import get_runtime, known_runtimes
 from runtime_tests.memory import artifact_bytes, weight_bytes, weights_check
@@ -45,6 +45,9 @@ MB = 1 << 20
 # GGUF q4_1: 4 bits + fp16 scale and minimum per 32). A "+emb8"/"+emb4" suffix (embedding
 # quantized too) is read by its base precision: the roofline counts the blocks' weights.
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.625, "8da4w": 0.625, "q4_1": 0.625}
+# precisions whose matmuls run in int8 (dynamic 8-bit activations): XNNPACK's 8da4w / 8da8w, ONNX
+# MatMulNBits at accuracy level 4 and dynamic int8, llama.cpp's Q4_1 x Q8_1 dot products
+INT8_COMPUTE = {"int8", "int4", "8da4w", "q4_1"}
 
 
 def bytes_per_param(precision: str) -> float:
@@ -105,6 +108,9 @@ def bench(cfg: BenchConfig) -> dict:
     bw = run_isolated("runtime_tests.emulate:stream_triad", {}, Isolation(cores=cores))
     result["host_bandwidth"] = bw.get("result") or {"error": bw.get("message")}
     host_gbs = (bw.get("result") or {}).get("triad_gbs")
+    _progress("compute", f"GEMM peak (fp32, int8) on cores {cores}")
+    peak = run_isolated("runtime_tests.emulate:gemm_peak", {}, Isolation(cores=cores))
+    result["host_compute"] = peak.get("result") or {"error": peak.get("message")}
 
     # 3. measure: memory and TTFT per run, then decode per group; 4. project
     for name, model_dir in cfg.models.items():
@@ -121,6 +127,7 @@ def bench(cfg: BenchConfig) -> dict:
         result["decode_groups"][key] = measure_decode(members, cfg, iso)
     for run in result["runs"]:
         run["projection"] = project(result["models"][run["model"]]["shape_obj"], run["precision"], run, profile, host_gbs, cfg)
+        run["prefill"] = prefill_vs_roofline(result["models"][run["model"]]["shape_obj"], run, result["host_compute"])
 
     result["emulation"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["ratios"] = ratios(result)
@@ -203,6 +210,23 @@ def project(shape, precision: str, run: dict, profile, host_gbs: float | None, c
         # the same model on this machine, for checking the roofline against the measured number
         out["host"] = project_decode(shape, host_gbs, profile.llc_mb, bpp, context)
         out["host"]["device"] = "this machine (measured triad bandwidth)"
+    return out
+
+
+def prefill_vs_roofline(shape, run: dict, peak: dict) -> dict:
+    """Per prompt length: measured prefill tokens/s (prompt / TTFT p50) against this machine's
+    compute roofline at the run's compute precision (int8 or fp32 GEMM peak)."""
+    int8 = split_precision(run["precision"])[0] in INT8_COMPUTE
+    gflops = peak.get("int8_gops" if int8 else "fp32_gflops")
+    out = {}
+    for n, t in ((run.get("latency") or {}).get("ttft_ms") or {}).items():
+        measured = int(n) / (t["p50"] / 1000)
+        row = {"tokens_per_s": round(measured, 1), "compute": "int8" if int8 else "fp32"}
+        if gflops:
+            roof = project_prefill(shape, gflops, int(n))
+            row.update(roofline_tokens_per_s=roof["tokens_per_s"], flops_per_token=roof["flops_per_token"],
+                       fraction_of_roofline=round(measured / roof["tokens_per_s"], 3))
+        out[str(n)] = row
     return out
 
 

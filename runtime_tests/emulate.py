@@ -214,6 +214,32 @@ def stream_triad(array_mb: float = 128.0, threads: int | None = None, repeats: i
             "repeats": repeats, "label": "measured (STREAM-style triad, numpy)"}
 
 
+def gemm_peak(n: int = 1024, threads: int | None = None, repeats: int = 5) -> dict:
+    """This machine's matrix-multiply peak, measured as the triad is: fp32 GFLOP/s of torch.mm
+    and int8 GOP/s of torch._int_mm (int8 x int8 -> int32: the VNNI path that XNNPACK's dynamic
+    8-bit kernels and ONNX Runtime's MatMulNBits at accuracy level 4 take), n x n x n, best of
+    `repeats` after a warm-up."""
+    import torch
+
+    threads = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    ai, bi = (torch.randint(-128, 128, (n, n), generator=g, dtype=torch.int8) for _ in range(2))
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return 2 * n**3 / min(times) / 1e9
+
+    return {"fp32_gflops": round(best(lambda: torch.mm(a, b)), 1), "int8_gops": round(best(lambda: torch._int_mm(ai, bi)), 1),
+            "n": n, "threads": threads, "repeats": repeats, "label": "measured (torch.mm fp32, torch._int_mm int8)"}
+
+
 # --------------------------------------------------------------------------- roofline
 
 
@@ -285,6 +311,22 @@ def bytes_per_token(shape: ModelShape, bytes_per_param: float, context: int, llc
     weights = blocks + (shape.head_params + shape.hidden + shape.other_params) * bytes_per_param
     kv = shape.kv_bytes(context, kv_bytes_per_value)
     return {"weights": weights, "blocks": blocks, "kv_cache": kv, "total": weights + kv}
+
+
+def prefill_flops_per_token(shape: ModelShape, prompt_len: int) -> float:
+    """Multiply-adds x 2 per prompt token: every depth's block and the head (a prefill runs the
+    head on its last row only, so the head is spread over the prompt), plus attention's scores
+    and weighted sum over the causal prefix (on average half the prompt)."""
+    blocks = sum(shape.block_params[b] for b in shape.schedule)
+    attention = 2 * 2 * shape.hidden * (prompt_len + 1) / 2 * shape.depth
+    return 2 * blocks + attention + 2 * shape.head_params / prompt_len
+
+
+def project_prefill(shape: ModelShape, peak_gflops: float, prompt_len: int) -> dict:
+    """Roofline prefill tokens/s at `peak_gflops`: a projection (upper bound; memory ignored)."""
+    flops = prefill_flops_per_token(shape, prompt_len)
+    return {"label": "projection (roofline: GEMM peak / FLOPs per prompt token)", "prompt_len": prompt_len,
+            "peak_gflops": peak_gflops, "flops_per_token": round(flops), "tokens_per_s": round(peak_gflops * 1e9 / flops, 1)}
 
 
 def project_decode(shape: ModelShape, bandwidth_gbs: float, llc_mb: float, bytes_per_param: float,

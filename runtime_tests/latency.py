@@ -23,7 +23,7 @@ import numpy as np
 
 from runtime_tests.runtimes import Runner, make_runner
 
-PROMPT_LENGTHS = (32, 128, 512)
+PROMPT_LENGTHS = (32, 128, 512, 1024)  # a chat app feeds long prompts: system prompt + history
 DECODE_TOKENS = 128
 
 

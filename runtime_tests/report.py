@@ -68,6 +68,25 @@ def markdown(result: dict, files: dict | None = None) -> str:
                      + f" | {_fmt(d.get('p50'), 2)} / {_fmt(d.get('p90'), 2)} | "
                        f"{_fmt((lat.get('decode_tokens_per_s') or {}).get('p50'))} |")
 
+    peak = result.get("host_compute") or {}
+    lines += ["", "## Prefill: measured vs this machine's compute roofline", "",
+              f"GEMM peak on the pinned cores (measured: {peak.get('label', 'not measured')}): "
+              f"**{_fmt(peak.get('fp32_gflops'))} GFLOP/s fp32, {_fmt(peak.get('int8_gops'))} GOP/s int8**. "
+              "Roofline = peak at the run's compute precision (int8 for 8da4w, int4, int8, q4_1; fp32 otherwise) / "
+              "FLOPs per prompt token (2 x every depth's block parameters, attention over half the prompt on "
+              "average, the head once per prompt). Measured = prompt tokens / TTFT p50.", "",
+              "| model | runtime | compute | " + " | ".join(f"{n} tokens: tok/s (of roofline)" for n in lengths)
+              + " | GFLOP/token at the longest |", "|---|---|---|" + "---|" * (len(lengths) + 1)]
+    for r in result["runs"]:
+        pre = r.get("prefill") or {}
+        if not pre:
+            continue
+        cells = [f"{_fmt(pre[n]['tokens_per_s'])} ({_fmt(pre[n].get('fraction_of_roofline'), 2)})" if n in pre else "-"
+                 for n in lengths]
+        longest = pre[max(pre, key=int)].get("flops_per_token")
+        lines.append(f"| {r['model']} | {r['backend']} {r['precision']} | {next(iter(pre.values()))['compute']} | "
+                     + " | ".join(cells) + f" | {_fmt(longest / 1e9 if longest else None, 3)} |")
+
     lines += ["", "## Decode speed: measured vs roofline projections", "",
               "Projection = bandwidth / bytes read per token (weights + KV cache); an upper bound that ignores "
               "compute. 'cache-resident' assumes a shared block's weights are read from DRAM once per group "

@@ -11,7 +11,8 @@ import pytest
 
 from compress.blocks import share_blocks
 from compress.format import save_folded
-from runtime_tests.emulate import Isolation, bytes_per_token, project_decode, run_isolated, shape_of, stream_triad
+from runtime_tests.emulate import (Isolation, bytes_per_token, gemm_peak, prefill_flops_per_token, project_decode,
+                                   project_prefill, run_isolated, shape_of, stream_triad)
 from runtime_tests.latency import measure_latency
 from runtime_tests.runtimes import TorchRunner, make_runner
 from runtime_tests.memory import weights_check
@@ -90,6 +91,31 @@ def test_low_memory_cap_is_reported_as_does_not_fit():
 def test_stream_triad_measures_a_bandwidth():
     r = stream_triad(array_mb=8, threads=1, repeats=2)
     assert r["triad_gbs"] > 0.1 and "measured" in r["label"]
+
+
+def test_gemm_peak_measures_fp32_and_int8():
+    r = gemm_peak(n=128, threads=1, repeats=2)
+    assert r["fp32_gflops"] > 0.1 and r["int8_gops"] > 0.1 and "measured" in r["label"]
+
+
+def test_prefill_roofline_counts_every_depth_and_the_head_once_per_prompt(models):
+    from compress.format import load_folded
+    from runtime_tests.bench import prefill_vs_roofline
+
+    folded = shape_of(load_folded(models[1])[0])  # 4 depths over 2 unique blocks: compute counts depths
+    blocks = 2 * sum(folded.block_params[b] for b in folded.schedule)
+    assert blocks == 2 * 2 * sum(folded.block_params.values())
+    n = 8
+    attention = 2 * 2 * folded.hidden * (n + 1) / 2 * 4
+    assert prefill_flops_per_token(folded, n) == pytest.approx(blocks + attention + 2 * folded.head_params / n)
+    p = project_prefill(folded, 100.0, n)
+    assert p["tokens_per_s"] == pytest.approx(100e9 / prefill_flops_per_token(folded, n), rel=1e-3)
+    half = 1000 * n / (project_prefill(folded, 200.0, n)["tokens_per_s"] / 2)  # a TTFT at half the int8 roofline
+    run = {"precision": "8da4w+emb8", "latency": {"ttft_ms": {"8": {"p50": half, "p90": 2 * half}}}}
+    row = prefill_vs_roofline(folded, run, {"fp32_gflops": 50.0, "int8_gops": 200.0})["8"]
+    assert row["compute"] == "int8" and row["tokens_per_s"] == pytest.approx(n / half * 1000, abs=0.1)
+    assert row["fraction_of_roofline"] == pytest.approx(0.5, abs=2e-3)
+    assert prefill_vs_roofline(folded, {**run, "precision": "fp32"}, {"fp32_gflops": 50.0})["8"]["compute"] == "fp32"
 
 
 def test_roofline_counts_a_shared_block_once_when_it_fits_the_cache(models):
@@ -339,7 +365,8 @@ def test_bench_writes_the_report_with_missing_export_and_oom(models, tmp_path):
     assert statuses == {("dense", "torch"): "ok", ("folded", "torch"): "ok", ("folded", "executorch"): "missing"}
     assert all(r["affinity_seen"] == result["cores"] for r in result["runs"] if r["status"] == "ok")
     md = (out / "report.md").read_text()
-    assert "projection" in md and "measured" in md and "missing" in md
+    assert "projection" in md and "measured" in md and "missing" in md and "compute roofline" in md
+    assert result["host_compute"]["int8_gops"] > 0 and set(result["runs"][0]["prefill"]) == {"4", "8"}
     assert {"latency_vs_compression", "memory_vs_compression", "size_breakdown", "gates"} <= set(result["files"])
     assert json.loads((out / "bench.json").read_text())["ratios"]["folded/torch:fp32"]["target"] == 0.95
 
