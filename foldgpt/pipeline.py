@@ -105,7 +105,7 @@ def run(cfg: RunConfig) -> dict:
     """Run stages 1-4 (each skipped when its artifact exists); returns a summary dict."""
     from compress.recipe import CompressConfig, compress
 
-    # the settings are checked above, before OUT is made: a bad one leaves nothing behind
+    # the settings were checked when cfg was built (each config's __post_init__): OUT is made only now
     out = mark(check_output(cfg.out, Kind.RUN, inputs=(cfg.model,), overwrite=cfg.overwrite), Kind.RUN)
     timings: dict[str, float] = {}
 
