@@ -153,8 +153,8 @@ def _flat_kv_module(model):
     class FlatKVCausalLM(torch.nn.Module):
         """(input_ids, attention_mask, position_ids, k0, v0, k1, v1, ...) -> (logits, k0', v0', ...):
         the explicit past/present tensors ONNX Runtime GenAI and optimum use. Logits of the
-        last position only (batch, 1, vocab), as a runner needs: the head is about a fifth
-        of a 512-token prefill here. ONNX Runtime GenAI reads such a graph as "pruned"
+        last position only (batch, 1, vocab), as a runner needs: a prefill runs the head
+        once, not once per prompt token. ONNX Runtime GenAI reads such a graph as "pruned"
         when the output's second dimension is a literal 1 (`last_row_logits`)."""
 
         def __init__(self):
