@@ -18,8 +18,9 @@ BASE[+MOD...]:
     +lastK    the cure trains only the last K depths (arXiv 2411.15558)
     +bf16     the cure's forward passes in bf16 (autocast): more steps in the same minutes
     +norepair no closed-form cut repair
-    +slebset  removal only: the blocks the sleb row at this point removed (run it first), so
-              FoldGPT's repair, local healing and cure meet SLEB's cure on the same set
+    +PEERset  removal only: the blocks the PEER row (sleb or shortgpt) at this point removed
+              (run it first), so FoldGPT's repair, local healing and cure meet that peer's cure
+              on the same set (+slebset, +shortgptset)
 A variant with a MOD, and share-dR, reuse their BASE row's removed blocks (run it first),
 so an ablation changes one thing. Peers (shortgpt, sleb, streamline, layerchop; NAME-nocure
 for shortgpt / sleb without a cure) remove whole blocks of the same size; SLEB and ShortGPT
@@ -63,6 +64,8 @@ NO_CURE = "-nocure"
 HEAL_SEQUENCES = 256  # 256-token windows of self-generated healing text, every row
 LOCAL_MINUTES = 4.0
 MAIN_VARIANTS = ("removal", "share", "share-d32")
+SET_PEERS = ("sleb", "shortgpt")  # peers whose removed set a FoldGPT variant may borrow (+PEERset)
+MODIFIERS = ("local", "logits", "both", "ce", "kl", "norepair", "bf16", *(f"{p}set" for p in SET_PEERS))
 
 
 def parse_variant(variant: str) -> tuple[str, int | None, list[str]]:
@@ -76,10 +79,11 @@ def parse_variant(variant: str) -> tuple[str, int | None, list[str]]:
     if base not in ("removal", "share"):
         raise SystemExit(f"variant {variant!r}: the base must be removal, share or share-dR")
     for m in mods:
-        if m not in ("local", "logits", "both", "ce", "kl", "norepair", "slebset", "bf16") and not (m.startswith("last") and m[4:].isdigit()):
-            raise SystemExit(f"variant {variant!r}: unknown modifier {m!r} (local, logits, both, ce, kl, lastK, norepair, slebset, bf16)")
-    if "slebset" in mods and (base != "removal" or rank):
-        raise SystemExit(f"variant {variant!r}: +slebset is a removal variant")
+        if m not in MODIFIERS and not (m.startswith("last") and m[4:].isdigit()):
+            raise SystemExit(f"variant {variant!r}: unknown modifier {m!r} ({', '.join(MODIFIERS)}, lastK)")
+    sets = [m for m in mods if m.endswith("set")]
+    if sets and (base != "removal" or rank or len(sets) > 1):
+        raise SystemExit(f"variant {variant!r}: +PEERset is a removal variant and takes one peer's set")
     return base, rank, mods
 
 
@@ -204,8 +208,9 @@ def run_row(method: str, point: str, variant: str, args, eval_cfg, reference: di
     elif method == "foldgpt":
         base, rank, mods = parse_variant(variant)
         remove = None
-        if "slebset" in mods:
-            remove = run_row("sleb", point, "", args, eval_cfg, reference)["removed_blocks"]
+        peer = next((m[:-3] for m in mods if m.endswith("set")), None)
+        if peer:
+            remove = run_row(peer, point, "", args, eval_cfg, reference)["removed_blocks"]
         elif rank or mods:  # the base row's removal, so the variant changes one thing
             remove = run_row(method, point, base, args, eval_cfg, reference)["removed_blocks"]
         compress(fold_config(point, variant, remove, args, eval_cfg, reference))
