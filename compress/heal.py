@@ -12,12 +12,15 @@ through the exporters' 4-bit weights (compress.qat); `compute_dtype="bfloat16"` 
 the forward passes (student and teacher) to bf16 for more steps per minute. Norm weights get their own, larger learning rate:
 they are the only per-depth knobs a shared block has ("layernorm re-adaptation").
 
-Runs on accelerate: `accelerate launch --num_processes N` runs the same loop data-parallel
-(DDP; tested with 2 CPU processes over gloo), the main process alone writing checkpoints.
-FSDP is not tested yet. The budget is steps, tokens and/or minutes
-(whichever ends first). Checkpoints are accelerate states plus a JSON of progress,
-written atomically; `resume=True` continues from the last one, skipping the batches
-already seen, so an interrupted cure loses at most `checkpoint_every` steps.
+Runs on accelerate: `accelerate launch --num_processes N` (or torchrun) runs the same loop
+data-parallel, each process on its shard of every global batch: replicated (`parallel="ddp"`)
+or sharded with FSDP2, one unit per physical block so shared weights stay shared
+(`parallel="fsdp"`, compress.parallel; tested with 2 CPU processes over gloo). The budget is
+steps, tokens and/or minutes (whichever ends first). Checkpoints are full state dicts keyed by
+parameter name plus a JSON of progress, written once by the main process and swapped in
+atomically; `resume=True` continues from the last one under any process count and either
+parallelism, skipping the batches already seen, so an interrupted cure loses at most
+`checkpoint_every` steps. A step draws no random numbers: batches are a function of the step.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from tqdm.auto import tqdm
 from compress.adapter import get_adapter
 from compress.blocks import schedule_of, share_blocks
 from compress.outputs import Kind, replace_path
+from compress.parallel import Parallel, check_wrap, full_state, gather, load_full_state, shard_folded, skeleton, wrap_policy
 from compress.qat import add_fake_quant, remove_fake_quant
 from compress.registry import enum_choice
 
@@ -76,9 +80,13 @@ class HealConfig:
     teacher_cache_mb: float = 2048.0  # keep the teacher's final hidden states up to this size (0: recompute every step)
     checkpoint_every: int = 25
     seed: int = 0
+    parallel: Parallel = Parallel.DDP  # under several processes: replicate, or shard (FSDP2)
 
     def __post_init__(self):
         self.distill = enum_choice(Distill, self.distill, "distillation target")
+        self.parallel = enum_choice(Parallel, self.parallel, "parallelism")
+        if self.parallel is Parallel.FSDP and (self.lora_rank or self.qat_bits):
+            raise ValueError("parallel='fsdp' with LoRA or QAT is not supported: their parametrizations are not sharded")
         budgets = {"max_steps": self.max_steps, "max_tokens": self.max_tokens, "max_minutes": self.max_minutes}
         if all(v is None for v in budgets.values()):
             raise ValueError("the cure needs a budget: max_steps, max_tokens or max_minutes")
@@ -115,6 +123,8 @@ class HealState:
     tokens: int = 0
     seconds: float = 0.0
     losses: list[dict] = field(default_factory=list)
+    processes: int = 1  # of the run that made the last step
+    parallel: str = "ddp"  # "fsdp": sharded, one unit per physical block
 
 
 def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: HealConfig, work_dir: str | os.PathLike,
@@ -141,21 +151,30 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
     lora = _add_lora(model, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank else []
     if cfg.qat_bits:
         add_fake_quant(model, cfg.qat_bits, cfg.qat_group_size)
-    groups = _param_groups(model, cfg, lora)
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    for g in optimizer.param_groups:
-        g["base_lr"] = g["lr"]
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if accelerator.num_processes > len(data):
         raise ValueError(f"{accelerator.num_processes} processes but only {len(data)} healing windows: "
                          "use fewer processes or more data")
-    model, optimizer = accelerator.prepare(model, optimizer)
+    plugin = getattr(accelerator.state, "fsdp_plugin", None) if accelerator.distributed_type == "FSDP" else None
+    sharded = cfg.parallel is Parallel.FSDP or plugin is not None  # an accelerate FSDP config asks for it too
+    if plugin is not None:
+        check_wrap(model, wrap_policy(plugin))
+    if sharded:
+        shell = skeleton(model)
+        model = shard_folded(model, accelerator.device)
+    groups = _param_groups(model, cfg, lora)  # after sharding: fully_shard replaces the Parameters
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    if not sharded:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    for g in optimizer.param_groups:
+        g["base_lr"] = g["lr"]
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval()
     cache = None if cfg.distill is Distill.NONE else TeacherCache(teacher, data, cfg.teacher_cache_mb)
     state = HealState()
-    if resume and (ckpt / "progress.json").is_file():
-        accelerator.load_state(str(ckpt))
+    if resume and (ckpt / "state.pt").is_file():
+        saved = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        load_full_state(model, optimizer, saved["model"], saved["optimizer"])
         state = HealState(**json.loads((ckpt / "progress.json").read_text()))
     elif resume:
         print(f"no checkpoint under {ckpt}; starting the cure from step 0")
@@ -180,6 +199,7 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
             optimizer.step()
             optimizer.zero_grad()
             state.step += 1
+            state.processes, state.parallel = accelerator.num_processes, (Parallel.FSDP if sharded else Parallel.DDP).value
             state.tokens += tokens_per_step * accelerator.num_processes
             state.seconds = time.monotonic() - start
             state.losses.append({k: round(v.item(), 5) for k, v in terms.items()} | {"step": state.step})
@@ -187,10 +207,10 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
             bar.set_postfix(loss=f"{terms['loss'].item():.3f}", ce=f"{terms['ce'].item():.3f}")
             bar.update(1)
             if state.step % cfg.checkpoint_every == 0 or _done_everywhere(cfg, state, accelerator):
-                _save_checkpoint(accelerator, ckpt, state)
+                _save_checkpoint(accelerator, model, optimizer, ckpt, state)
     finally:
         bar.close()
-    model = accelerator.unwrap_model(model)
+    model = gather(model, shell) if sharded else accelerator.unwrap_model(model)
     model.eval()
     if lora:
         _merge_lora(model, lora)
@@ -317,17 +337,15 @@ def _estimate_total(cfg: HealConfig, s: HealState, tokens_per_step: int) -> int:
     return max(min(limits), s.step) if limits else s.step + 1
 
 
-def _save_checkpoint(accelerator, ckpt: Path, state: HealState) -> None:
-    """Every process saves its part (accelerate writes the weights once, and each rank's RNG
-    state); the main process alone vouches for it and swaps it in."""
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
+def _save_checkpoint(accelerator, model, optimizer, ckpt: Path, state: HealState) -> None:
+    """Every process takes part in gathering the full state; the main process alone writes it
+    and swaps it in."""
+    weights, optim = full_state(model, optimizer)
     if accelerator.is_main_process:
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    # torch.save keeps shared storages shared; safetensors would refuse the tied weights
-    accelerator.save_state(str(tmp), safe_serialization=False)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+        tmp.mkdir(parents=True)
+        torch.save({"model": weights, "optimizer": optim}, tmp / "state.pt")  # keeps shared storages shared
         (tmp / "progress.json").write_text(json.dumps(asdict(state)))  # last: a checkpoint without it is unfinished
         replace_path(tmp, ckpt, Kind.CHECKPOINT)  # one swap: a kill leaves the old checkpoint or the new one
     accelerator.wait_for_everyone()

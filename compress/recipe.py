@@ -16,15 +16,22 @@
 Each stage records its settings in work/<stage>.json and writes its artifact
 atomically; with --resume a finished stage is skipped and the cure continues from its
 last checkpoint. A work dir made with different settings is refused rather than mixed.
+
+Under `accelerate launch --num_processes N` (or torchrun) the main process runs stages 1-3
+while the others wait, then they read its artifacts as a resumed run would; all run the cure
+data-parallel (compress.heal: DDP, or FSDP with `parallel="fsdp"`); the main process alone
+evaluates and writes OUT.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
 import time
+from datetime import timedelta
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -152,16 +159,54 @@ def compress(cfg: CompressConfig) -> Path:
     for bad settings before any heavy work: the depth is read without the weights;
     FileExistsError for an OUT this tool did not write (compress.outputs)."""
     work = cfg.work
-    check_output(cfg.out, Kind.FOLDED, inputs=(cfg.model,), overwrite=cfg.overwrite)
-    check_output(work, Kind.WORK, inputs=(cfg.model,))
-    if work.exists() and not cfg.resume and any(work.iterdir()):
-        raise ValueError(f"{work} exists from an earlier run; pass --resume to continue it, or choose another --out")
+    procs = processes()
+    if procs.is_main_process:  # the others may find the main process's work dir already made
+        check_output(cfg.out, Kind.FOLDED, inputs=(cfg.model,), overwrite=cfg.overwrite)
+        check_output(work, Kind.WORK, inputs=(cfg.model,))
+        if work.exists() and not cfg.resume and any(work.iterdir()):
+            raise ValueError(f"{work} exists from an earlier run; pass --resume to continue it, or choose another --out")
     method_cfg = cfg.method_config(load_depth(cfg.model))
-    with exclusive(mark(work, Kind.WORK) / ".lock", str(work)):  # a second run on this work dir is refused
+    lock = exclusive(mark(work, Kind.WORK) / ".lock", str(work)) if procs.is_main_process else contextlib.nullcontext()
+    with lock:  # a second run on this work dir is refused
         return _run_stages(cfg, work, method_cfg)
 
 
+def processes():
+    """accelerate's view of this launch (one process unless launched with several). The
+    others wait at a barrier while the main process makes the text and the fold, which
+    takes longer than torch's default 30-minute timeout."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
+
+
 def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
+    procs = processes()
+    with procs.main_process_first():  # stages 1-3: the main process runs them, the others then find them done
+        dense, tokenizer, student, report, local_report, fold_settings, timings = _prepare(cfg, work, method_cfg)
+
+    # 4. cure (resumes from its own checkpoint; a finished cure is restored from it)
+    heal_state = None
+    if cfg.heal is not None:
+        t = time.monotonic()
+        cure_settings = {**fold_settings, "heal": asdict(cfg.heal)}
+        if procs.is_main_process:
+            _claim_stage(work, "cure", cure_settings)
+        procs.wait_for_everyone()
+        student, heal_state = heal(student, dense, torch.load(work / "heal.pt"), cfg.heal, work / "cure", resume=True)
+        if procs.is_main_process:
+            _finish_stage(work, "cure")
+        timings["cure_s"] = time.monotonic() - t
+    if not procs.is_main_process:
+        procs.wait_for_everyone()  # the main process evaluates and writes OUT
+        return Path(cfg.out)
+    out = _evaluate_and_save(cfg, dense, tokenizer, student, method_cfg, report, local_report, heal_state, timings)
+    procs.wait_for_everyone()
+    return out
+
+
+def _prepare(cfg: CompressConfig, work: Path, method_cfg):
+    """Stages 1-3: the dense model, the text, the fold and its local healing."""
     dense, tokenizer = load_model(cfg.model, cfg.dtype)
     if cfg.peer is None:
         cfg.fold.check_model(dense)  # what needs the layer shapes (delta ranks), before the text is made
@@ -210,16 +255,12 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
         student, _ = load_folded(work / "local")
         local_report = json.loads((work / "local_report.json").read_text())
         timings["local_s"] = time.monotonic() - t
+    return dense, tokenizer, student, report, local_report, fold_settings, timings
 
-    # 4. cure (resumes from its own checkpoint; a finished cure is restored from it)
-    heal_state = None
-    if cfg.heal is not None:
-        t = time.monotonic()
-        _claim_stage(work, "cure", {**fold_settings, "heal": asdict(cfg.heal)})
-        student, heal_state = heal(student, dense, heal_seqs, cfg.heal, work / "cure", resume=True)
-        _finish_stage(work, "cure")
-        timings["cure_s"] = time.monotonic() - t
 
+def _evaluate_and_save(cfg: CompressConfig, dense, tokenizer, student, method_cfg, report: dict,
+                       local_report: dict | None, heal_state, timings: dict) -> Path:
+    """Stages 5-6, on the main process."""
     # 5. eval
     metrics = None
     if cfg.eval is not None:
@@ -245,6 +286,7 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
         "cure": None if heal_state is None else {
             "steps": heal_state.step, "tokens": heal_state.tokens, "seconds": round(heal_state.seconds, 1),
             "final_loss": heal_state.losses[-1] if heal_state.losses else None,
+            "processes": heal_state.processes, "parallel": heal_state.parallel,
             **({"qat": {"bits": cfg.heal.qat_bits, "group_size": cfg.heal.qat_group_size}} if cfg.heal.qat_bits else {}),
         },
         "timings": {k: round(v, 1) for k, v in timings.items()},

@@ -1,8 +1,9 @@
 """One cure of a tiny folded model, run by tests/test_distributed.py under torch.distributed.run.
 
-    python -m torch.distributed.run --nproc_per_node N tests/heal_job.py OUT BATCH STEPS [--resume] [--crash-at K]
+    python -m torch.distributed.run --nproc_per_node N tests/heal_job.py OUT BATCH STEPS [--resume] [--crash-at K] [--parallel fsdp]
 
-BATCH is per process, so N x BATCH is the global batch. The main process writes OUT/weights.pt.
+BATCH is per process, so N x BATCH is the global batch. The main process writes OUT/weights.pt
+and the folded model to OUT/folded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 import compress.heal as heal_mod
 from compress.blocks import share_blocks
+from compress.format import save_folded
 from compress.heal import HealConfig, heal
 from tests.conftest import tiny_model
 
@@ -27,6 +29,7 @@ def main() -> None:
     ap.add_argument("steps", type=int)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--crash-at", type=int, default=None)
+    ap.add_argument("--parallel", default="ddp")
     args = ap.parse_args()
     torch.set_num_threads(1)
     teacher = tiny_model(layers=4, hidden=64, vocab=99)
@@ -44,16 +47,18 @@ def main() -> None:
 
         heal_mod._step = crash
     cfg = HealConfig(max_steps=args.steps, batch_size=args.batch, lr=1e-3, warmup_steps=1, checkpoint_every=2,
-                     teacher_cache_mb=0)
+                     teacher_cache_mb=0, parallel=args.parallel)
     model, state = heal(student, teacher, data, cfg, args.out / "work", resume=args.resume)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         layers = model.model.layers
         torch.save(model.state_dict(), args.out / "weights.pt")
+        save_folded(model, args.out / "folded")
         (args.out / "state.json").write_text(json.dumps({
-            "step": state.step, "processes": PartialState().num_processes,
-            "shared": layers[0].mlp.down_proj.weight is layers[1].mlp.down_proj.weight}))
+            "step": state.step, "processes": state.processes, "parallel": state.parallel,
+            "shared": all(layers[0].get_parameter(n) is layers[1].get_parameter(n) for n, _ in layers[0].named_parameters()
+                          if "layernorm" not in n)}))
 
 
 if __name__ == "__main__":

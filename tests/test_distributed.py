@@ -1,5 +1,6 @@
-"""The cure under several processes (DDP over gloo, on the CPU), against one process on the
-same global batch: same weights, sharing kept, and a resume under another process count."""
+"""The cure under several processes (DDP and FSDP2 over gloo, on the CPU), against one process
+on the same global batch: same weights, sharing kept, and a resume under another process count
+and parallelism."""
 
 from __future__ import annotations
 
@@ -12,19 +13,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+
+from tests.test_compress import compress_args, tiny_dir  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cure(out: Path, processes: int, batch: int, steps: int, *extra: str, expect: int = 0) -> dict:
+def launch(processes: int, *args: str, expect: int = 0) -> None:
+    """`args` (a script, or -m module) under torch.distributed.run with `processes` CPU processes."""
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port),
-           str(ROOT / "tests" / "heal_job.py"), str(out), str(batch), str(steps), *extra]
+           *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert (run.returncode != 0 if expect else run.returncode == 0), run.stderr[-3000:]
+
+
+def cure(out: Path, processes: int, batch: int, steps: int, *extra: str, expect: int = 0) -> dict:
+    launch(processes, str(ROOT / "tests" / "heal_job.py"), str(out), str(batch), str(steps), *extra, expect=expect)
     if expect:
         return {}
     return {"state": json.loads((out / "state.json").read_text()), "weights": torch.load(out / "weights.pt")}
@@ -39,7 +48,7 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
 def test_two_process_ddp_cure_equals_one_process_on_the_same_global_batch(tmp_path):
     one = cure(tmp_path / "one", 1, 4, 3)
     two = cure(tmp_path / "two", 2, 2, 3)
-    assert two["state"] == {"step": 3, "processes": 2, "shared": True} and one["state"]["processes"] == 1
+    assert two["state"] == {"step": 3, "processes": 2, "parallel": "ddp", "shared": True} and one["state"]["processes"] == 1
     assert_same_weights(one["weights"], two["weights"])
     assert not (tmp_path / "two" / "work" / "checkpoint.tmp").exists()  # swapped in once, by the main process
 
@@ -49,5 +58,43 @@ def test_an_interrupted_two_process_cure_resumes_on_one_process(tmp_path):
     assert json.loads((tmp_path / "run" / "work" / "checkpoint" / "progress.json").read_text())["step"] == 2
     resumed = cure(tmp_path / "run", 1, 4, 4, "--resume")
     whole = cure(tmp_path / "whole", 1, 4, 4)
-    assert resumed["state"]["step"] == 4
+    assert resumed["state"]["step"] == 4 and resumed["state"]["processes"] == 1
     assert_same_weights(whole["weights"], resumed["weights"])
+
+
+def test_two_process_fsdp_cure_equals_one_process_and_keeps_blocks_shared(tmp_path):
+    one = cure(tmp_path / "one", 1, 4, 3)
+    two = cure(tmp_path / "two", 2, 2, 3, "--parallel", "fsdp")
+    assert two["state"] == {"step": 3, "processes": 2, "parallel": "fsdp", "shared": True}
+    assert_same_weights(one["weights"], two["weights"])
+    with safe_open(tmp_path / "two" / "folded" / "model.safetensors", "pt") as f:  # the pair stored once
+        names = list(f.keys())
+    assert sum(n.endswith("mlp.down_proj.weight") for n in names) == 2, names  # schedule 0 0 1 1: two blocks
+
+
+def test_an_interrupted_fsdp_cure_resumes_under_one_ddp_process(tmp_path):
+    cure(tmp_path / "run", 2, 2, 4, "--crash-at", "3", "--parallel", "fsdp", expect=1)
+    assert json.loads((tmp_path / "run" / "work" / "checkpoint" / "progress.json").read_text())["step"] == 2
+    resumed = cure(tmp_path / "run", 1, 4, 4, "--resume")
+    whole = cure(tmp_path / "whole", 1, 4, 4)
+    assert resumed["state"]["step"] == 4 and resumed["state"]["processes"] == 1
+    assert_same_weights(whole["weights"], resumed["weights"])
+
+
+def test_two_process_compress_writes_once_what_one_process_writes(tmp_path, tiny_dir):
+    """The whole recipe under 2 processes: the main one makes the text, gates and fold, both cure
+    (FSDP), the main one writes OUT; the result equals one process on the same global batch."""
+    from compress.format import load_folded
+
+    def run(name, processes, *extra):
+        launch(processes, "-m", "foldgpt.cli", *compress_args(tmp_path / name, tiny_dir, *extra))
+        return load_folded(tmp_path / name / "folded")[0]
+
+    tmp_path.joinpath("one").mkdir(), tmp_path.joinpath("two").mkdir()
+    one = run("one", 1, "--batch-size", "4")
+    two = run("two", 2, "--batch-size", "2", "--parallel", "fsdp")
+    assert two.config.fold["schedule"] == one.config.fold["schedule"] == [0, 0, 1, 1]
+    assert {k: two.config.fold["provenance"]["cure"][k] for k in ("steps", "processes", "parallel")} == \
+        {"steps": 3, "processes": 2, "parallel": "fsdp"}
+    assert_same_weights(one.state_dict(), two.state_dict())
+    assert not list((tmp_path / "two").rglob("*.tmp"))
