@@ -177,7 +177,8 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
         load_full_state(model, optimizer, saved["model"], saved["optimizer"])
         state = HealState(**json.loads((ckpt / "progress.json").read_text()))
     elif resume:
-        print(f"no checkpoint under {ckpt}; starting the cure from step 0")
+        kind = "a checkpoint of an older foldgpt (no state.pt)" if (ckpt / "progress.json").is_file() else "no checkpoint"
+        print(f"{kind} under {ckpt}; starting the cure from step 0")
 
     model.train()
     tokens_per_step = cfg.batch_size * data.shape[1]

@@ -30,12 +30,13 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--crash-at", type=int, default=None)
     ap.add_argument("--parallel", default="ddp")
+    ap.add_argument("--windows", type=int, default=16)
     args = ap.parse_args()
     torch.set_num_threads(1)
     teacher = tiny_model(layers=4, hidden=64, vocab=99)
     student = copy.deepcopy(teacher)
     share_blocks(student, [0, 0, 1, 1])
-    data = torch.randint(3, 99, (16, 16), generator=torch.Generator().manual_seed(1))
+    data = torch.randint(3, 99, (args.windows, 16), generator=torch.Generator().manual_seed(1))
     if args.crash_at is not None:  # an interrupt in step crash_at (1-based)
         real, calls = heal_mod._step, [0]
 

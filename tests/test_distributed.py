@@ -20,7 +20,7 @@ from tests.test_compress import compress_args, tiny_dir  # noqa: F401 (a fixture
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch(processes: int, *args: str, expect: int = 0) -> None:
+def launch(processes: int, *args: str, expect: int = 0) -> str:
     """`args` (a script, or -m module) under torch.distributed.run with `processes` CPU processes."""
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
@@ -30,6 +30,7 @@ def launch(processes: int, *args: str, expect: int = 0) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert (run.returncode != 0 if expect else run.returncode == 0), run.stderr[-3000:]
+    return run.stderr
 
 
 def cure(out: Path, processes: int, batch: int, steps: int, *extra: str, expect: int = 0) -> dict:
@@ -98,3 +99,8 @@ def test_two_process_compress_writes_once_what_one_process_writes(tmp_path, tiny
         {"steps": 3, "processes": 2, "parallel": "fsdp"}
     assert_same_weights(one.state_dict(), two.state_dict())
     assert not list((tmp_path / "two").rglob("*.tmp"))
+
+
+def test_more_processes_than_healing_windows_is_one_line(tmp_path):
+    err = launch(2, str(ROOT / "tests" / "heal_job.py"), str(tmp_path), "2", "3", "--windows", "1", expect=1)
+    assert "ValueError: 2 processes but only 1 healing windows: use fewer processes or more data\n" in err
