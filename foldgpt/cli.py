@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="4: cure through the 4-bit exports' rounding (compress/qat.py), for a fold shipped in 4 bits")
     p.add_argument("--profile", default=None, help="phone profile for the harnesses")
     p.add_argument("--exports", default=None,
-                   help="BACKEND:PRECISION list (default: onnx:fp32,executorch:8da4w+emb8), e.g. onnx:int4,executorch:fp32")
+                   help="BACKEND:PRECISION list (default: onnx:fp32,onnx:int4,executorch:8da4w+emb8), e.g. executorch:fp32")
     p.add_argument("--no-bench", action="store_true", help="stop after the exports")
     _overwrite_arg(p)
     p.set_defaults(func=cmd_run)
