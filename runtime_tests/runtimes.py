@@ -260,10 +260,11 @@ class LlamaCppRunner:
     Logits of the last evaluated position only (logits_all off), as llama.cpp's own
     generate loop runs; the context is sized for the harness's longest prompt + decode."""
 
-    def __init__(self, artifact, threads: int | None = None, n_ctx: int = 1024):
+    def __init__(self, artifact, threads: int | None = None, n_ctx: int = 1152):
         from pathlib import Path
 
         try:
+            import llama_cpp
             from llama_cpp import Llama
         except ImportError as e:
             raise RuntimeError("the llamacpp runtime needs llama-cpp-python: pip install llama-cpp-python") from e
@@ -274,13 +275,16 @@ class LlamaCppRunner:
                          logits_all=False, verbose=False)
         self.vocab_size = self.llm.n_vocab()
         self.max_context = n_ctx
+        self._logits_ith = llama_cpp.llama_get_logits_ith
 
     def reset(self) -> None:
         self.llm.reset()
 
     def _eval(self, ids: list[int]) -> np.ndarray:
         self.llm.eval(ids)
-        return np.asarray(self.llm.scores[self.llm.n_tokens - 1])
+        # with logits_all off llama-cpp-python keeps no scores (its `scores` rows are never
+        # written, and hold only n_batch rows): read the last output row from the context
+        return np.ctypeslib.as_array(self._logits_ith(self.llm.ctx, -1), shape=(self.vocab_size,)).copy()
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         return self._eval(list(ids))

@@ -14,7 +14,7 @@ from compress.format import save_folded
 from runtime_tests.emulate import (Isolation, bytes_per_token, gemm_peak, prefill_flops_per_token, project_decode,
                                    project_prefill, run_isolated, shape_of, stream_triad)
 from runtime_tests.latency import measure_latency
-from runtime_tests.runtimes import TorchRunner, make_runner
+from runtime_tests.runtimes import TorchRunner, llamacpp_available, make_runner
 from runtime_tests.memory import weights_check
 from runtime_tests.profiles import DEFAULT_PROFILE, check_cores, known_profiles, load_profile
 from tests.conftest import tiny_model, tiny_tokenizer
@@ -173,14 +173,16 @@ def test_unknown_runtime_backend_lists_the_known_ones():
 
 
 class FakeLlama:
-    """Stands in for llama_cpp.Llama: records the settings, keeps llama.cpp's `scores`/`n_tokens`
-    bookkeeping (last position's logits only), and makes logits that depend on the context."""
+    """Stands in for llama_cpp.Llama: records the settings and, like llama.cpp with logits_all
+    off, keeps only the last evaluated position's logits in its context (`scores` is never
+    written: a runner reading it fails here); the logits depend on the whole context."""
 
     def __init__(self, path, **kw):
-        import numpy as np
+        import ctypes
 
         self.path, self.kw, self.n_tokens, self.history = path, kw, 0, []
-        self.scores = np.zeros((kw["n_ctx"], 7), dtype=np.float32)
+        self.ctx = (ctypes.c_float * 7)()
+        self.scores = None
 
     def n_vocab(self):
         return 7
@@ -191,8 +193,15 @@ class FakeLlama:
     def eval(self, ids):
         self.history += ids
         self.n_tokens += len(ids)
-        self.scores[self.n_tokens - 1] = 0
-        self.scores[self.n_tokens - 1, sum(self.history) % 7] = 1.0
+        for i in range(7):
+            self.ctx[i] = float(i == sum(self.history) % 7)
+
+
+def fake_logits_ith(ctx, i):
+    import ctypes
+
+    assert i == -1
+    return ctypes.cast(ctx, ctypes.POINTER(ctypes.c_float))
 
 
 def test_llamacpp_runner_reads_the_last_positions_logits(tmp_path, monkeypatch):
@@ -201,7 +210,7 @@ def test_llamacpp_runner_reads_the_last_positions_logits(tmp_path, monkeypatch):
 
     from runtime_tests.runtimes import LlamaCppRunner
 
-    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama, llama_get_logits_ith=fake_logits_ith))
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     runner = make_runner("llamacpp", gguf, threads=2)
@@ -387,3 +396,22 @@ def test_bench_rejects_bad_input_before_work(models, tmp_path):
         BenchConfig(models={"m": str(models[1])}, artifacts={"m": {"executorch:8da4w+emb2": "x"}})
     with pytest.raises(ValueError, match="cores"):
         bench(BenchConfig(models={"m": str(models[1])}, cores=(os.cpu_count() or 1) + 1, out=str(tmp_path)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not llamacpp_available(), reason="llama-cpp-python is the optional `peer` extra")
+def test_llamacpp_runner_matches_llama_cpps_own_logits_past_one_batch():
+    """A 1024-token prompt (two of llama.cpp's 512-token batches) on the default model's GGUF:
+    the runner's last-row logits equal llama.cpp's with every row kept, then one step more."""
+    from llama_cpp import Llama
+
+    from compress.load import default_gguf
+
+    runner = make_runner("llamacpp", default_gguf(), threads=2)
+    ids = [int(i) for i in np.random.default_rng(0).integers(100, 20000, 1024)]
+    first = runner.prefill(ids)
+    second = runner.step(int(first.argmax()))
+    ref = Llama(str(default_gguf()), n_ctx=1152, n_batch=512, logits_all=True, verbose=False, n_threads=2)
+    ref.eval(ids + [int(first.argmax())])
+    np.testing.assert_array_equal(first, ref.scores[1023])
+    np.testing.assert_array_equal(second, ref.scores[1024])
