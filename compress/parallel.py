@@ -72,7 +72,8 @@ def shard_folded(model: nn.Module, device: torch.device) -> nn.Module:
 
 def skeleton(model: nn.Module) -> nn.Module:
     """A copy of the model's structure on the meta device, to hold the gathered weights after a
-    sharded cure (fully_shard changes the model in place)."""
+    sharded cure (fully_shard changes the model in place). The copy is made in host memory and
+    then emptied, so a second copy of the weights exists for a moment."""
     return copy.deepcopy(model).to("meta")
 
 

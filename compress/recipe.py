@@ -31,8 +31,8 @@ import hashlib
 import json
 import os
 import time
-from datetime import timedelta
 from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -168,7 +168,7 @@ def compress(cfg: CompressConfig) -> Path:
     method_cfg = cfg.method_config(load_depth(cfg.model))
     lock = exclusive(mark(work, Kind.WORK) / ".lock", str(work)) if procs.is_main_process else contextlib.nullcontext()
     with lock:  # a second run on this work dir is refused
-        return _run_stages(cfg, work, method_cfg)
+        return _run_stages(cfg, work, method_cfg, procs)
 
 
 def processes():
@@ -180,8 +180,7 @@ def processes():
     return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
 
 
-def _run_stages(cfg: CompressConfig, work: Path, method_cfg) -> Path:
-    procs = processes()
+def _run_stages(cfg: CompressConfig, work: Path, method_cfg, procs) -> Path:
     with procs.main_process_first():  # stages 1-3: the main process runs them, the others then find them done
         dense, tokenizer, student, report, local_report, fold_settings, timings = _prepare(cfg, work, method_cfg)
 

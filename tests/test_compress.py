@@ -521,6 +521,7 @@ def test_default_gates_are_part_of_the_fold_key(tmp_path, tiny_dir):
     ("--heal-steps", "0", "max_steps must be positive", "load"),
     ("--distill", "soft", "unknown distillation target 'soft'; choose one of hidden, logits, both, none", "load"),
     ("--ce-weight", "-1", "ce_weight and distill_weight must be >= 0", "load"),
+    ("--parallel", "zero3", "unknown parallelism 'zero3'; choose one of ddp, fsdp", "load"),
     ("--repair", "sideways", "unknown repair fit 'sideways'; choose one of sequential, dense", "load"),
     ("--removal-candidates", "gates,magic", "unknown removal candidate 'magic'", "load"),
     ("--held-back", "12", "12 calibration windows leave none", "load"),

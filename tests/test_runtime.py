@@ -14,7 +14,7 @@ from compress.format import save_folded
 from runtime_tests.emulate import (Isolation, bytes_per_token, gemm_peak, prefill_flops_per_token, project_decode,
                                    project_prefill, run_isolated, shape_of, stream_triad)
 from runtime_tests.latency import measure_latency
-from runtime_tests.runtimes import TorchRunner, llamacpp_available, make_runner
+from runtime_tests.runtimes import TorchRunner, make_runner
 from runtime_tests.memory import weights_check
 from runtime_tests.profiles import DEFAULT_PROFILE, check_cores, known_profiles, load_profile
 from tests.conftest import tiny_model, tiny_tokenizer
@@ -173,9 +173,10 @@ def test_unknown_runtime_backend_lists_the_known_ones():
 
 
 class FakeLlama:
-    """Stands in for llama_cpp.Llama: records the settings and, like llama.cpp with logits_all
-    off, keeps only the last evaluated position's logits in its context (`scores` is never
-    written: a runner reading it fails here); the logits depend on the whole context."""
+    """Stands in for llama_cpp.Llama: records the settings and, like llama-cpp-python's
+    `Llama.eval` with logits_all off (it writes `scores` only when logits_all is on), keeps
+    only the last evaluated position's logits in its context, so a runner reading `scores`
+    fails here; the logits depend on the whole context."""
 
     def __init__(self, path, **kw):
         import ctypes
@@ -397,21 +398,3 @@ def test_bench_rejects_bad_input_before_work(models, tmp_path):
     with pytest.raises(ValueError, match="cores"):
         bench(BenchConfig(models={"m": str(models[1])}, cores=(os.cpu_count() or 1) + 1, out=str(tmp_path)))
 
-
-@pytest.mark.slow
-@pytest.mark.skipif(not llamacpp_available(), reason="llama-cpp-python is the optional `peer` extra")
-def test_llamacpp_runner_matches_llama_cpps_own_logits_past_one_batch():
-    """A 1024-token prompt (two of llama.cpp's 512-token batches) on the default model's GGUF:
-    the runner's last-row logits equal llama.cpp's with every row kept, then one step more."""
-    from llama_cpp import Llama
-
-    from compress.load import default_gguf
-
-    runner = make_runner("llamacpp", default_gguf(), threads=2)
-    ids = [int(i) for i in np.random.default_rng(0).integers(100, 20000, 1024)]
-    first = runner.prefill(ids)
-    second = runner.step(int(first.argmax()))
-    ref = Llama(str(default_gguf()), n_ctx=1152, n_batch=512, logits_all=True, verbose=False, n_threads=2)
-    ref.eval(ids + [int(first.argmax())])
-    np.testing.assert_array_equal(first, ref.scores[1023])
-    np.testing.assert_array_equal(second, ref.scores[1024])
