@@ -8,23 +8,24 @@ A row is METHOD:POINT[:VARIANT]. POINT is the size: p15 / p25 / p36 remove about
 36 % of the unique parameters (6 / 10 / 14 of 30 blocks' worth). FoldGPT's VARIANT is
 BASE[+MOD...]:
 
-    removal   the removal only (the whole size), chosen by the gates, cuts repaired (default)
+    removal   the removal only (the whole size), chosen by the gates, cuts repaired (as first run;
+              `foldgpt compress` no longer repairs by default: +norepair is its default)
     share     6 blocks removed (3 at p15), adjacent pairs shared for the rest of the size
     share-dR  share's removed blocks; each shared depth gets rank-R deltas (compress.delta;
-              more pairs pay for them), trained block-locally for 4 of the cure's minutes
-    +local    4 of the cure's minutes on block-local healing (cuts, and groups)
-    +logits / +both / +ce   the cure's distillation target (default: final hidden state)
-    +kl       the cure is logit KL at temperature 1 alone, no next-token loss (Minitron)
-    +lastK    the cure trains only the last K depths (arXiv 2411.15558)
-    +bf16     the cure's forward passes in bf16 (autocast): more steps in the same minutes
+              more pairs pay for them), trained block-locally for 4 of healing's minutes
+    +local    4 of healing's minutes on block-local healing (cuts, and groups)
+    +logits / +both / +ce   healing's distillation target (default: final hidden state)
+    +kl       healing is logit KL at temperature 1 alone, no next-token loss (Minitron)
+    +lastK    healing trains only the last K depths (arXiv 2411.15558)
+    +bf16     healing's forward passes in bf16 (autocast): more steps in the same minutes
     +norepair no closed-form cut repair
     +PEERset  removal only: the blocks the PEER row (sleb or shortgpt) at this point removed
-              (run it first), so FoldGPT's repair, local healing and cure meet that peer's cure
+              (run it first), so FoldGPT's repair, local healing and end-to-end healing meet that peer's healing
               on the same set (+slebset, +shortgptset)
 A variant with a MOD, and share-dR, reuse their BASE row's removed blocks (run it first),
 so an ablation changes one thing. Peers (shortgpt, sleb, streamline, layerchop; NAME-nocure
-for shortgpt / sleb without a cure) remove whole blocks of the same size; SLEB and ShortGPT
-get FoldGPT's cure, Streamline's budget trains its replacement, LayerChop continues
+for shortgpt / sleb without healing) remove whole blocks of the same size; SLEB and ShortGPT
+get FoldGPT's healing, Streamline's budget trains its replacement, LayerChop continues
 pretraining (compress.methods).
 
 Every row is a `compress` run with the same self-generated calibration and healing text
@@ -63,6 +64,7 @@ PEERS = ("shortgpt", "streamline", "layerchop", "sleb")
 NO_CURE = "-nocure"
 HEAL_SEQUENCES = 256  # 256-token windows of self-generated healing text, every row
 LOCAL_MINUTES = 4.0
+DECODE_CONTEXT = 256  # positions of the exported programs the decode rounds run (32-token prompt + decoded tokens)
 MAIN_VARIANTS = ("removal", "share", "share-d32")
 SET_PEERS = ("sleb", "shortgpt")  # peers whose removed set a FoldGPT variant may borrow (+PEERset)
 MODIFIERS = ("local", "logits", "both", "ce", "kl", "norepair", "bf16", *(f"{p}set" for p in SET_PEERS))
@@ -101,20 +103,20 @@ def fold_config(point: str, variant: str, remove: list[int] | None, args, eval_c
     from compress.heal import HealConfig
     from compress.local_heal import LocalHealConfig
     from compress.recipe import CompressConfig
+    from compress.repair import RepairConfig
     from compress.select import SelectConfig
 
     base, rank, mods = parse_variant(variant)
     _, rate, unique = FOLD_POINTS[(base, point)]
     distill = {"logits": "logits", "both": "both", "ce": "none"}
-    cure = {"distill": distill[m] for m in mods if m in distill}
-    cure.update({"last_blocks": int(m[4:]) for m in mods if m.startswith("last")})
+    healing = {"distill": distill[m] for m in mods if m in distill}
+    healing.update({"last_blocks": int(m[4:]) for m in mods if m.startswith("last")})
     if "kl" in mods:
-        cure.update(distill="logits", ce_weight=0.0, temperature=1.0)
+        healing.update(distill="logits", ce_weight=0.0, temperature=1.0)
     if "bf16" in mods:
-        cure.update(compute_dtype="bfloat16")
+        healing.update(compute_dtype="bfloat16")
     fold = {"remove": remove} if remove is not None else {"select": SelectConfig(candidates="gates")}
-    if "norepair" in mods:
-        fold["repair"] = None
+    fold["repair"] = None if "norepair" in mods else RepairConfig()  # the variants as they ran: repaired unless +norepair
     if rank:
         fold["delta"] = DeltaConfig(rank=rank)
     local = rank or "local" in mods
@@ -123,7 +125,7 @@ def fold_config(point: str, variant: str, remove: list[int] | None, args, eval_c
         heal_data=DataConfig(num_sequences=args.heal_sequences, seq_len=256, seed=1),
         fold=FoldConfig(removal_rate=rate, group_size=None, num_unique_blocks=unique, **fold),
         local=LocalHealConfig(max_minutes=LOCAL_MINUTES) if local else None,
-        heal=HealConfig(max_minutes=args.heal_minutes, teacher_cache_mb=0.0, **cure),
+        heal=HealConfig(max_minutes=args.heal_minutes, teacher_cache_mb=0.0, **healing),
         eval=eval_cfg, eval_reference=reference, resume=True,
     )
 
@@ -182,7 +184,7 @@ def row_dir(method: str, point: str, variant: str) -> Path:
 
 
 def budget_of(work: Path) -> float | None:
-    """The training minutes a finished run had: its cure's (plus local healing's), or Streamline's training."""
+    """The training minutes a finished run had: its healing's (plus local healing's), or Streamline's training."""
     def setting(stage: str, *path: str):
         file = work / f"{stage}.json"
         value = json.loads(file.read_text())["settings"] if file.is_file() else None
@@ -190,9 +192,10 @@ def budget_of(work: Path) -> float | None:
             value = (value or {}).get(key)
         return value
 
-    cure = setting("cure", "heal", "max_minutes")
-    if cure is not None:
-        return cure + (setting("local", "local", "max_minutes") or 0)
+    # the healing stage's record: "heal.json" (work-dir version 3 on), "cure.json" before
+    heal = setting("heal", "heal", "max_minutes") or setting("cure", "heal", "max_minutes")
+    if heal is not None:
+        return heal + (setting("local", "local", "max_minutes") or 0)
     return setting("fold", "peer", "train_minutes")
 
 
@@ -218,7 +221,7 @@ def run_row(method: str, point: str, variant: str, args, eval_cfg, reference: di
         compress(peer_config(method, point, args, eval_cfg, reference))
     prov = json.loads((out / "config.json").read_text())["fold"]["provenance"]
     folded = json.loads((out / "eval.json").read_text())["folded"]
-    cure = prov.get("cure") or {}
+    healing = prov.get("heal") or prov.get("cure") or {}  # "cure" in folds made before work-dir version 3
     return {
         "method": method, "point": point, "variant": variant,
         "unique_params": prov["params"]["unique"], "unique_reduction": round(prov["params"]["unique_reduction"], 4),
@@ -227,7 +230,7 @@ def run_row(method: str, point: str, variant: str, args, eval_cfg, reference: di
         **{task: round(m["acc_norm"], 4) for task, m in folded["tasks"].items()},
         "removed_blocks": prov["removed_blocks"],
         "schedule": json.loads((out / "config.json").read_text())["fold"]["schedule"],
-        "cure_steps": cure.get("steps"), "cure_minutes": round(cure.get("seconds", 0) / 60, 1),
+        "heal_steps": healing.get("steps"), "heal_minutes": round(healing.get("seconds", 0) / 60, 1),
         "local_minutes": _local_minutes(prov.get("local_heal")), "deltas": bool(json.loads((out / "config.json").read_text())["fold"].get("deltas")),
         "dir": str(out.relative_to(WORK.parent.parent)), "_eval": folded,
     }
@@ -241,31 +244,55 @@ def _local_minutes(report: dict | None) -> float | None:
     return round(seconds / 60, 1)
 
 
-def decode_speeds(rows: list[dict], rounds: int, tokens: int) -> dict:
-    """Each row's decode speed beside dense through the runtime harness: torch fp32, every model
-    in one pinned process, alternating rounds; a row's figure is its per-round median ratio to
-    dense (runtime_tests.latency.decode_rounds), so other tenants' load cancels. Fills r["decode"]."""
+def decode_speeds(rows: list[dict], rounds: int, tokens: int, on: str = "torch") -> dict:
+    """Each row's decode speed beside dense through the runtime harness, on eager torch fp32 or
+    an export (`on` = BACKEND:PRECISION, e.g. executorch:8da4w: each model exported once into
+    its work dir, its artifact bytes recorded; a fold no exporter stores is recorded as such).
+    Every model runs in one pinned process in alternating rounds; a row's figure is its
+    per-round median ratio to dense (runtime_tests.latency.round_ratio), so other tenants'
+    load cancels. Writes and returns the series (decode_file(on)): per row label its
+    decode_vs_dense and, for an export, artifact_bytes or export_error."""
     from compress.load import save_dense
+    from foldgpt.pipeline import export_all, parse_exports
     from runtime_tests.emulate import Isolation, run_isolated
     from runtime_tests.latency import decode_summary, round_ratio
+    from runtime_tests.memory import artifact_bytes
     from runtime_tests.runtimes import get_runtime
 
     dense = save_dense("default", WORK / "dense")
-    label = {id(r): f"{r['point']} {r['method']} {r['variant']}" for r in rows}
+    models = {"dense": dense, **{row_label(r): WORK.parent.parent / r["dir"] for r in rows}}
+    artifacts = {name: str(path) for name, path in models.items()}
+    out = {name: {} for name in models}
+    if on != "torch":
+        (pair,) = parse_exports(on)
+        for name, path in models.items():  # each into its own work dir, kept for a rerun
+            (made,) = export_all({"model": path}, (pair,), Path(f"{path}.work") / "exports", DECODE_CONTEXT)["model"]
+            artifacts[name] = made["path"] if made["status"] == "ok" else None
+            out[name] = {"artifact_bytes": artifact_bytes(made["path"])} if artifacts[name] else {"export_error": made["error"]}
+    backend = on.partition(":")[0]
+    entries = [[name, backend, artifact] for name, artifact in artifacts.items() if artifact]
     vocab = json.loads((dense / "config.json").read_text())["vocab_size"]
     cores = sorted(os.sched_getaffinity(0))
     record = run_isolated("runtime_tests.latency:decode_rounds_job",
-                          {"entries": [["dense", "torch", str(dense)]] + [[label[id(r)], "torch", str(WORK.parent.parent / r["dir"])]
-                                                                          for r in rows],
-                           "threads": len(cores), "rounds": rounds, "decode_tokens": tokens, "vocab": vocab},
-                          Isolation(cores=cores, timeout_s=3600), preload=get_runtime("torch").preload)
+                          {"entries": entries, "threads": len(cores), "rounds": rounds, "decode_tokens": tokens, "vocab": vocab},
+                          Isolation(cores=cores, timeout_s=3600), preload=get_runtime(backend).preload)
     if record["status"] != "ok":
-        print(f"decode speeds not measured: {record.get('message')}", flush=True)
-        return record
+        raise SystemExit(f"decode speeds not measured: {record.get('message')}")
     ms = record["result"]["ms_per_token"]
-    for r in rows:
-        r["decode_vs_dense"] = round(round_ratio(ms["dense"], ms[label[id(r)]]), 3)
-    return {"dense": decode_summary(ms["dense"]), "rounds": rounds, "tokens": tokens}
+    for name in ms:
+        out[name]["decode_vs_dense"] = round_ratio(ms["dense"], ms[name])
+    series = {"on": on, "rounds": rounds, "tokens": tokens, "dense": decode_summary(ms["dense"]), "models": out}
+    decode_file(on).write_text(json.dumps(series, indent=1))
+    return series
+
+
+def row_label(r: dict) -> str:
+    return f"{r['point']} {r['method']} {r['variant']}".strip()
+
+
+def decode_file(on: str) -> Path:
+    """The last decode series on `on` (torch or BACKEND:PRECISION), kept so --report-only shows it."""
+    return WORK / f"decode-{on.replace(':', '-')}.json"
 
 
 def write_report(dense: dict, rows: list[dict], command: str, decode: dict | None = None) -> None:
@@ -277,30 +304,45 @@ def write_report(dense: dict, rows: list[dict], command: str, decode: dict | Non
     (RESULTS / "quality.json").write_text(json.dumps({"command": command, "dense": dense_row, "rows": saved,
                                                       "decode": decode}, indent=1))
     tasks = list(dense["tasks"])
-    speed = any("decode_vs_dense" in r for r in rows)
+    speed = decode is not None and any(row_label(r) in decode["models"] for r in rows)
+    sized = speed and decode["on"] != "torch"
+    models = decode["models"] if speed else {}
+
+    def deploy_cells(name: str) -> list[str]:
+        m = models.get(name, {})
+        cells = [f"{m['decode_vs_dense']:.2f}x" if "decode_vs_dense" in m else "-"]
+        if sized:
+            cells.insert(0, f"{m['artifact_bytes'] / 2**20:.1f}" if "artifact_bytes" in m
+                         else "not exported" if "export_error" in m else "-")
+        return cells if speed else []
+
+    extra = ([f"{decode['on']} MiB"] if sized else []) + (["decode x dense"] if speed else [])
     lines = [
         "# Quality per byte: FoldGPT variants and peers on SmolLM2-135M-Instruct",
         "",
         f"Reproduce: `{command}` (dev sets from ../shared/data/dev, measurement only; calibration and",
         "healing text generated by the dense model; every row the same 20-minute budget and the same texts).",
         "Perplexity: in brackets x dense. Accuracy: acc_norm, in brackets relative to dense."
-        + (" Decode: torch fp32 speed x dense, paired rounds." if speed else ""),
+        + (f" Decode: {decode['on']} speed x dense through the runtime harness, {decode['tokens']} tokens, median of "
+           f"{decode['rounds']} paired rounds (`--decode-on {decode['on']} --decode-rounds {decode['rounds']}`)." if speed else ""),
         "",
         "| point | method | variant | unique params | wikitext2 ppl | self held-out ppl | " + " | ".join(tasks)
-        + " | cure |" + (" decode |" if speed else ""),
-        "|---" * (7 + len(tasks) + speed) + "|",
+        + " | healing |" + "".join(f" {c} |" for c in extra),
+        "|---" * (7 + len(tasks) + len(extra)) + "|",
         f"| - | dense | - | {dense_row['unique_params'] / 1e6:.1f}M | {dense_row['wikitext2_ppl']:.2f} | "
         f"{dense_row['self_held_out_ppl']:.2f} | " + " | ".join(f"{dense_row[t]:.3f}" for t in tasks) + " | - |"
-        + (" 1.00x |" if speed else ""),
+        + "".join(f" {c} |" for c in deploy_cells("dense")),
     ]
     for r in sorted(rows, key=lambda r: (POINTS.index(r["point"]), r["method"] != "foldgpt", r["method"], r["variant"])):
         cells = [r["point"], r["method"], r["variant"] or "-", f"{r['unique_params'] / 1e6:.1f}M (-{r['unique_reduction']:.0%})"]
         cells += [f"{r[k]:.2f} ({r[k] / dense_row[k]:.2f}x)" for k in ("wikitext2_ppl", "self_held_out_ppl")]
         cells += [f"{r[t]:.3f} ({r[t] / dense_row[t]:.0%})" for t in tasks]
-        cells.append(f"{r['cure_steps']} steps, {r['cure_minutes']:g} min"
+        cells.append(f"{r['heal_steps']} steps, {r['heal_minutes']:g} min"
                      + (f" + local {r['local_minutes']:g} min" if r["local_minutes"] else ""))
-        cells += [f"{r['decode_vs_dense']:.2f}x" if "decode_vs_dense" in r else "-"] if speed else []
+        cells += deploy_cells(row_label(r))
         lines.append("| " + " | ".join(cells) + " |")
+    errors = sorted({m["export_error"] for m in models.values() if "export_error" in m})
+    lines += [f"\nNot exported: {e}" for e in errors]
     lines += standing(rows)
     lines += ["", "Rows and their work dirs (a finished dir is reused on a rerun):", ""]
     lines += [f"- {r['point']} {r['method']} {r['variant']}: removed {r['removed_blocks']}, schedule {r['schedule']}, "
@@ -366,11 +408,19 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=300, help="items per multiple-choice task")
     ap.add_argument("--ppl-tokens", type=int, default=32768)
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the finished rows; run nothing")
-    ap.add_argument("--decode-rounds", type=int, default=0, help="timed decode rounds over every row's model at the end")
+    ap.add_argument("--decode-rounds", type=int, default=0, help="timed decode rounds over the rows' models at the end")
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--decode-on", default="torch", help="torch (eager fp32) or an export, e.g. executorch:8da4w")
+    ap.add_argument("--decode-rows", default=None, help="the rows to time (default: every row), METHOD:POINT[:VARIANT] list")
     args = ap.parse_args()
     require_dev()
     wanted = parse_rows(args.rows)
+    if args.decode_on != "torch":
+        from foldgpt.pipeline import parse_exports
+        try:
+            parse_exports(args.decode_on)
+        except ValueError as e:
+            raise SystemExit(f"--decode-on: {e}")
     eval_cfg = eval_config(args.limit, args.ppl_tokens)
     reference = dense_reference(eval_cfg)
     command = "python benchmarks/quality.py " + shlex.join(a for a in sys.argv[1:] if a != "--report-only")
@@ -383,7 +433,12 @@ def main() -> None:
         rows.append(run_row(method, point, variant, args, eval_cfg, reference))
         print(f"{method}:{point}:{variant}: {(time.monotonic() - t) / 60:.1f} min", flush=True)
         write_report(reference, rows, command)
-    decode = decode_speeds(rows, args.decode_rounds, args.decode_tokens) if args.decode_rounds and rows else None
+    timed = {row_label({"method": m, "point": p, "variant": v}) for m, p, v in parse_rows(args.decode_rows)} \
+        if args.decode_rows else {row_label(r) for r in rows}
+    if args.decode_rounds and rows:
+        decode = decode_speeds([r for r in rows if row_label(r) in timed], args.decode_rounds, args.decode_tokens, args.decode_on)
+    else:  # the last series on this runtime, if any, so a report-only rewrite keeps it
+        decode = json.loads(decode_file(args.decode_on).read_text()) if decode_file(args.decode_on).is_file() else None
     write_report(reference, rows, command, decode)
     print((RESULTS / "quality.md").read_text())
 

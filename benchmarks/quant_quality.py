@@ -61,7 +61,7 @@ def cured(fold_dir: Path, minutes: float, qat: bool, dense, tokenizer) -> Path:
     data = build_sequences(DataConfig(num_sequences=HEAL_SEQUENCES, seq_len=256, seed=1), dense, tokenizer)
     cfg = HealConfig(max_minutes=minutes, qat_bits=4 if qat else None, teacher_cache_mb=0.0)
     model, state = heal(model, dense, data, cfg, Path(f"{out}.work"), resume=True)
-    return save_folded(model, out, tokenizer, provenance={"source": str(fold_dir), "cure": {
+    return save_folded(model, out, tokenizer, provenance={"source": str(fold_dir), "heal": {
         "steps": state.step, "minutes": minutes, **({"qat": {"bits": 4, "group_size": 32}} if qat else {})}})
 
 

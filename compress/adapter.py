@@ -48,7 +48,7 @@ class ArchAdapter:
         """Names of the normalisation modules inside one decoder block.
 
         Norm weights are the per-depth tensors of a folded model: tiny, and the
-        knob the cure re-adapts for each depth ("layernorm re-adaptation").
+        knob healing re-adapts for each depth ("layernorm re-adaptation").
         """
         return [name for name, mod in block.named_modules() if name and _is_norm(mod)]
 

@@ -50,7 +50,7 @@ REGMEAN = "regmean"
 @dataclass
 class FoldConfig:
     removal_rate: float = 0.2  # fraction of decoder blocks removed (rounded to whole blocks)
-    group_size: int | None = 2  # adjacent retained blocks per shared group ...
+    group_size: int | None = None  # adjacent retained blocks per shared group (None / 1: none shared) ...
     num_unique_blocks: int | None = None  # ... or the number of unique blocks to keep
     max_group_size: int = 4  # cap on a merged group when num_unique_blocks decides
     merge_candidates: bool = True  # also try the members' mean and their RegMean merge
@@ -59,7 +59,10 @@ class FoldConfig:
     score_batch_size: int = 4
     gate: GateConfig | None = None  # defaults derived from removal_rate
     select: SelectConfig = field(default_factory=SelectConfig)  # which removal: candidates scored on held-back windows
-    repair: RepairConfig | None = field(default_factory=RepairConfig)  # closed-form map at each cut; None: off
+    # closed-form map at each cut; off by default: it lowers the unhealed error, but after 20 min of healing at
+    # 25% the gates' set ended at 3.18x dense WikiText without it and 3.67x with it, self text level
+    # (benchmarks/results/quality.md, removal+local vs removal+local+norepair)
+    repair: RepairConfig | None = None
     remove: list[int] | None = None  # source blocks to remove, chosen elsewhere: skips the selection
     delta: DeltaConfig | None = None  # per-depth low-rank deltas on shared groups; they count as unique parameters
 

@@ -1,4 +1,4 @@
-"""FoldGPT step 4, the cure: a short fine-tune of the shared block weights and the
+"""FoldGPT step 4, healing: a short fine-tune of the shared block weights and the
 per-depth norms, with loss
 
     ce_weight * cross-entropy(next token) + distill_weight * tail-layer distillation from the dense model
@@ -19,7 +19,7 @@ or sharded with FSDP2, one unit per physical block so shared weights stay shared
 steps, tokens and/or minutes (whichever ends first). Checkpoints are full state dicts keyed by
 parameter name plus a JSON of progress, written once by the main process and swapped in
 atomically; `resume=True` continues from the last one under any process count and either
-parallelism, skipping the batches already seen, so an interrupted cure loses at most
+parallelism, skipping the batches already seen, so an interrupted run loses at most
 `checkpoint_every` steps. A step draws no random numbers: batches are a function of the step.
 """
 
@@ -89,7 +89,7 @@ class HealConfig:
             raise ValueError("parallel='fsdp' with LoRA or QAT is not supported: their parametrizations are not sharded")
         budgets = {"max_steps": self.max_steps, "max_tokens": self.max_tokens, "max_minutes": self.max_minutes}
         if all(v is None for v in budgets.values()):
-            raise ValueError("the cure needs a budget: max_steps, max_tokens or max_minutes")
+            raise ValueError("healing needs a budget: max_steps, max_tokens or max_minutes")
         for name, v in budgets.items():
             if v is not None and v <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
@@ -98,7 +98,7 @@ class HealConfig:
         if self.ce_weight < 0 or self.distill_weight < 0:
             raise ValueError("ce_weight and distill_weight must be >= 0")
         if self.ce_weight == 0 and self.distill is Distill.NONE:
-            raise ValueError("ce_weight=0 with distill='none' leaves the cure no loss")
+            raise ValueError("ce_weight=0 with distill='none' leaves healing no loss")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if self.last_blocks is not None and self.last_blocks < 1:
@@ -178,11 +178,11 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
         state = HealState(**json.loads((ckpt / "progress.json").read_text()))
     elif resume:
         kind = "a checkpoint of an older foldgpt (no state.pt)" if (ckpt / "progress.json").is_file() else "no checkpoint"
-        print(f"{kind} under {ckpt}; starting the cure from step 0")
+        print(f"{kind} under {ckpt}; starting healing from step 0")
 
     model.train()
     tokens_per_step = cfg.batch_size * data.shape[1]
-    bar = tqdm(total=_estimate_total(cfg, state, tokens_per_step), initial=state.step, desc="cure", unit="step",
+    bar = tqdm(total=_estimate_total(cfg, state, tokens_per_step), initial=state.step, desc="heal", unit="step",
                disable=not accelerator.is_local_main_process)
     start = time.monotonic() - state.seconds
     try:
@@ -216,7 +216,7 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
     if lora:
         _merge_lora(model, lora)
     if cfg.qat_bits:
-        remove_fake_quant(model)  # the fp32 weights whose export rounding the cure trained through
+        remove_fake_quant(model)  # the fp32 weights whose export rounding healing trained through
     share_blocks(model, schedule)  # re-assert sharing; a no-op unless something untied it
     return model, state
 
@@ -239,7 +239,7 @@ def teacher_logits(teacher: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 class TeacherCache:
     """The teacher's final hidden state of each healing sequence, computed the first time the
-    sequence is drawn and kept. The teacher's forward is a quarter of a cure step on the default
+    sequence is drawn and kept. The teacher's forward is a quarter of a healing step on the default
     model (benchmarks/results/cure_step.md), and a budget in minutes runs several epochs over
     a small healing set: later epochs skip it. When all sequences' states (in the teacher's
     dtype) exceed `max_mb`, nothing is kept and every step recomputes."""
@@ -266,7 +266,7 @@ class TeacherCache:
 
 
 def _step(model, teacher, batch, cfg: HealConfig, ref_hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """One cure loss. `ref_hidden` is the teacher's final hidden state of `batch` when the
+    """One healing loss. `ref_hidden` is the teacher's final hidden state of `batch` when the
     caller has it (TeacherCache); otherwise the teacher runs here."""
     hidden = cfg.distill in (Distill.HIDDEN, Distill.BOTH)
     out = model(input_ids=batch, labels=batch, output_hidden_states=hidden)
@@ -291,7 +291,7 @@ def _step(model, teacher, batch, cfg: HealConfig, ref_hidden: torch.Tensor | Non
 
 def _batch(n: int, step: int, cfg: HealConfig, accelerator) -> torch.Tensor:
     """Indices (into n sequences) of global batch `step` of a seeded per-epoch permutation,
-    this process's shard of it. A pure function of the step, so a resumed cure sees exactly
+    this process's shard of it. A pure function of the step, so a resumed run sees exactly
     the batches it would have."""
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * world

@@ -8,7 +8,7 @@ the last block:
     middle  a run centred between the first and the last block
     first   the run right after the first block
 
-The continued pretraining is the recipe's cure stage with this method's cure:
+The continued pretraining is the recipe's heal stage with this method's healing:
 `compress.heal` with distill="none" and train_embeddings=True (no teacher, no LoRA).
 """
 

@@ -1,6 +1,6 @@
-"""Block-local healing at each cut and in each shared group, before the end-to-end cure.
+"""Block-local healing at each cut and in each shared group, before end-to-end healing.
 
-The cure's step is a forward and backward of the whole model and its head (on the
+Healing's step is a forward and backward of the whole model and its head (on the
 default model the head alone costs as much as 8 blocks), so in minutes it takes few
 steps. Most of what a fold breaks is local, and local training costs one block a step:
 

@@ -4,12 +4,12 @@ A method is a function `(model, calib, cfg) -> (model, report)` that edits the d
 model in place through `compress.blocks` (so depth, `layer_idx` and `config.fold` stay
 consistent) and returns a JSON-able report. Its output is therefore a folded-format
 model that every export backend reads. Each method registers itself here with its
-config class and its cure:
+config class and its healing:
 
-    foldgpt     gates, removal, shared groups (compress/fold.py)     cure: distillation, 20 min
+    foldgpt     gates, removal, shared groups (compress/fold.py)     heal: distillation, 20 min
     shortgpt    lowest Block Influence removed (compress/shortgpt.py)  none
     streamline  most similar span -> one trained block (compress/streamline.py)  none beyond its own training
-    layerchop   fixed placement removed (compress/layerchop.py)      cure: LM loss, every weight, 20 min
+    layerchop   fixed placement removed (compress/layerchop.py)      heal: LM loss, every weight, 20 min
     sleb        greedy removal by calibration perplexity (compress/sleb.py)  none
 
 A peer's config carries its own count (`num_remove`, or Streamline's `span`); left
@@ -32,8 +32,8 @@ class Method:
     name: str
     run: Callable  # (model, calib: LongTensor (n, seq), cfg) -> (model, report: dict)
     config: type
-    heal_minutes: float | None  # default cure budget; None: no cure unless one is asked for
-    heal_style: dict = field(default_factory=dict)  # HealConfig fields that make the method's cure
+    heal_minutes: float | None  # default healing budget; None: none unless one is asked for
+    heal_style: dict = field(default_factory=dict)  # HealConfig fields that make the method's healing
     configured_by_fold: bool = False  # FoldGPT reads CompressConfig.fold; peers their own config
 
 
@@ -81,8 +81,8 @@ def method_config(name: str, **options):
 
 
 def heal_config(name: str, budget: dict | None = None, **options) -> HealConfig | None:
-    """The cure for method `name`: its default when `budget` (max_steps / max_tokens /
-    max_minutes) is None, else the method's kind of cure with that budget. `options`
+    """Healing for method `name`: its default when `budget` (max_steps / max_tokens /
+    max_minutes) is None, else the method's kind of healing with that budget. `options`
     (None = the method's choice) override HealConfig fields such as distill or lora_rank."""
     method = get_method(name)
     budget = given(**(budget or {}))

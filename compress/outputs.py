@@ -39,7 +39,7 @@ class Kind(str, Enum):
     RUN = "a run folder"
     BENCH = "a bench folder"
     WORK = "a compress work dir"
-    CHECKPOINT = "a cure checkpoint"
+    CHECKPOINT = "a healing checkpoint"
     EVAL = "an eval result"
 
     @property

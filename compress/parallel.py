@@ -6,7 +6,7 @@ the usual policy (one unit per decoder layer) would put one shared Parameter int
 `fully_shard` then fails ("shared with a parameter already managed by another FSDP group").
 `shard_folded` makes one unit per physical block, holding all of its depths, plus the root
 (embedding, tied head, final norm). accelerate does not offer FSDP on the CPU (its
-`ACCELERATE_USE_FSDP` is ignored for a gloo process group), so the cure calls torch's
+`ACCELERATE_USE_FSDP` is ignored for a gloo process group), so healing calls torch's
 `fully_shard` itself, on any device.
 
 Checkpoints are full state dicts keyed by parameter name (torch.distributed.checkpoint's
@@ -51,11 +51,11 @@ def wrap_policy(plugin) -> str | None:
 
 def check_wrap(model: nn.Module, policy: str | None) -> None:
     """One line, before training, if an FSDP wrap policy would split a shared block: any policy
-    but NO_WRAP (the cure's own one unit per physical block) may make a unit of one depth."""
+    but NO_WRAP (healing's own one unit per physical block) may make a unit of one depth."""
     shared = [u for u in block_units(model) if len(u) > 1]
     if policy is not None and shared:
         raise ValueError(f"FSDP wrap policy {policy} would put the depths {shared[0]} of one shared block into separate "
-                         "units; set fsdp_auto_wrap_policy: NO_WRAP (the cure wraps one unit per shared block itself)")
+                         "units; set fsdp_auto_wrap_policy: NO_WRAP (healing wraps one unit per shared block itself)")
 
 
 def shard_folded(model: nn.Module, device: torch.device) -> nn.Module:
@@ -72,7 +72,7 @@ def shard_folded(model: nn.Module, device: torch.device) -> nn.Module:
 
 def skeleton(model: nn.Module) -> nn.Module:
     """A copy of the model's structure on the meta device, to hold the gathered weights after a
-    sharded cure (fully_shard changes the model in place). The copy is made in host memory and
+    sharded healing run (fully_shard changes the model in place). The copy is made in host memory and
     then emptied, so a second copy of the weights exists for a moment."""
     return copy.deepcopy(model).to("meta")
 

@@ -1,18 +1,18 @@
-"""Quantization-aware cure: the decoder's weights trained through the exporters' 4-bit grid.
+"""Quantization-aware healing: the decoder's weights trained through the exporters' 4-bit grid.
 
 Both exporters round each shared Linear weight to symmetric 4-bit groups (ExecuTorch
 8da4w, ONNX int4; `export.quantize.int4_weights`), and on the default model that rounding
 alone costs about a third in perplexity (benchmarks/results/export_size_executorch.md).
-A cure that runs its forward pass on the rounded weights (straight-through gradients to
+A healing run that runs its forward pass on the rounded weights (straight-through gradients to
 the fp32 ones, as in torchao's QAT and ExecuTorch's Llama QAT recipe) heals the fold and
 its rounding together. The saved model stays fp32; at export, the same rounding of the
-same weights gives the 4-bit values and scales the cure's last forward used (`rtn` scales;
+same weights gives the 4-bit values and scales healing's last forward used (`rtn` scales;
 ExecuTorch's XNNPACK then stores the scales in bf16).
 
 The fake quantizer is torchao's `IntxFakeQuantizer` with the scheme torchao's 8da4w
 config uses (int4, symmetric, per group), attached as a parametrization of each unique
 weight: a shared block is rounded once per step, its sharing untouched. The tied
-embedding / head is not rounded (the head is frozen in the cure; the exports keep it in
+embedding / head is not rounded (the head is frozen in healing; the exports keep it in
 fp32 or 8 bits).
 """
 

@@ -1,24 +1,25 @@
 """`foldgpt compress`: the FoldGPT recipe (or a peer method) as resumable stages.
 
     1. data      calibration + healing sequences        work/calib.pt, work/heal.pt
-    2. fold      the method: FoldGPT's removal chosen   work/folded/ (uncured), work/fold_report.json
+    2. fold      the method: FoldGPT's removal chosen   work/folded/ (unhealed), work/fold_report.json
                  among candidates -> cuts repaired ->
                  shared groups, or a peer's removal
                  (compress.methods)
     3. local     the block before each cut, and each     work/local/, work/local_report.json
                  shared group, trained towards the dense
                  states (compress.local_heal; FoldGPT's
-                 default: a fifth of the cure's minutes)
-    4. cure      fine-tune (the method's kind of cure)  work/cure/checkpoint (resumable)
+                 default: a fifth of healing's minutes)
+    4. heal      fine-tune (the method's kind of        work/heal/checkpoint (resumable)
+                 healing; FoldGPT: distillation)
     5. eval      optional metrics vs the dense model    OUT/eval.json, config.fold.provenance.metrics
     6. save      the folded model with provenance       OUT/
 
 Each stage records its settings in work/<stage>.json and writes its artifact
-atomically; with --resume a finished stage is skipped and the cure continues from its
+atomically; with --resume a finished stage is skipped and healing continues from its
 last checkpoint. A work dir made with different settings is refused rather than mixed.
 
 Under `accelerate launch --num_processes N` (or torchrun) the main process runs stages 1-3
-while the others wait, then they read its artifacts as a resumed run would; all run the cure
+while the others wait, then they read its artifacts as a resumed run would; all run healing
 data-parallel (compress.heal: DDP, or FSDP with `parallel="fsdp"`); the main process alone
 evaluates and writes OUT.
 """
@@ -48,7 +49,7 @@ from compress.methods import get_method, heal_config
 from compress.outputs import Kind, check_output, exclusive, mark
 
 METHOD_DEFAULT = "method default"
-LOCAL_SHARE = 0.2  # of FoldGPT's cure minutes spent on local healing by default (4 of 20 measured better than 0 of 20)
+LOCAL_SHARE = 0.2  # of FoldGPT's healing minutes spent on local healing by default (4 of 20 measured better than 0 of 20)
 
 
 @dataclass
@@ -61,10 +62,10 @@ class CompressConfig:
     fold: FoldConfig = field(default_factory=FoldConfig)  # FoldGPT's settings; a peer takes removal_rate from it
     method: str = "foldgpt"  # compress.methods: foldgpt, shortgpt, streamline, layerchop, sleb
     peer: object | None = None  # a peer method's config (None: its defaults)
-    heal: HealConfig | None | str = METHOD_DEFAULT  # None: no cure; default: the method's (compress.methods)
-    # block-local healing at the cuts and groups; its minutes come out of the cure's. Default: FoldGPT with a
-    # cure in minutes spends LOCAL_SHARE of them here (measured: benchmarks/results/quality.md, p25
-    # removal vs removal+local); other methods, and cures budgeted in steps or tokens, none
+    heal: HealConfig | None | str = METHOD_DEFAULT  # None: no healing; default: the method's (compress.methods)
+    # block-local healing at the cuts and groups; its minutes come out of healing's. Default: FoldGPT with a
+    # healing budget in minutes spends LOCAL_SHARE of them here (measured: benchmarks/results/quality.md, p25
+    # removal vs removal+local); other methods, and healing runs budgeted in steps or tokens, none
     local: LocalHealConfig | None | str = METHOD_DEFAULT
     eval: object | None = None  # compress.evaluate.EvalConfig
     eval_reference: dict | None = None  # the dense model's evaluate() result, if already measured
@@ -93,9 +94,9 @@ class CompressConfig:
             timed = method.configured_by_fold and self.heal is not None and self.heal.max_minutes
             self.local = LocalHealConfig(max_minutes=round(LOCAL_SHARE * self.heal.max_minutes, 3)) if timed else None
         if self.local is not None and self.heal is not None and self.heal.max_minutes and self.local.max_minutes:
-            # one budget: the local minutes come out of the cure's
+            # one budget: the local minutes come out of healing's
             if self.local.max_minutes >= self.heal.max_minutes:
-                raise ValueError(f"local healing's {self.local.max_minutes:g} min leave nothing of the cure's "
+                raise ValueError(f"local healing's {self.local.max_minutes:g} min leave nothing of healing's "
                                  f"{self.heal.max_minutes:g} min")
             self.heal = replace(self.heal, max_minutes=self.heal.max_minutes - self.local.max_minutes)
 
@@ -116,7 +117,8 @@ class CompressConfig:
         return Path(self.work_dir) if self.work_dir else Path(str(Path(self.out)) + ".work")
 
 
-WORKDIR_VERSION = 2  # bump when a stage's settings change shape; older work dirs are refused, not guessed at
+WORKDIR_VERSION = 3  # bump when a stage's settings or names change; older work dirs are refused, not guessed at
+# (3: the end-to-end stage is "heal", as its config, function and flags are; it was "cure")
 
 
 def _claim_stage(work: Path, stage: str, settings: dict) -> bool:
@@ -184,18 +186,18 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg, procs) -> Path:
     with procs.main_process_first():  # stages 1-3: the main process runs them, the others then find them done
         dense, tokenizer, student, report, local_report, fold_settings, timings = _prepare(cfg, work, method_cfg)
 
-    # 4. cure (resumes from its own checkpoint; a finished cure is restored from it)
+    # 4. heal (resumes from its own checkpoint; a finished one is restored from it)
     heal_state = None
     if cfg.heal is not None:
         t = time.monotonic()
-        cure_settings = {**fold_settings, "heal": asdict(cfg.heal)}
+        heal_settings = {**fold_settings, "heal": asdict(cfg.heal)}
         if procs.is_main_process:
-            _claim_stage(work, "cure", cure_settings)
+            _claim_stage(work, "heal", heal_settings)
         procs.wait_for_everyone()
-        student, heal_state = heal(student, dense, torch.load(work / "heal.pt"), cfg.heal, work / "cure", resume=True)
+        student, heal_state = heal(student, dense, torch.load(work / "heal.pt"), cfg.heal, work / "heal", resume=True)
         if procs.is_main_process:
-            _finish_stage(work, "cure")
-        timings["cure_s"] = time.monotonic() - t
+            _finish_stage(work, "heal")
+        timings["heal_s"] = time.monotonic() - t
     if not procs.is_main_process:
         procs.wait_for_everyone()  # the main process evaluates and writes OUT
         return Path(cfg.out)
@@ -240,7 +242,7 @@ def _prepare(cfg: CompressConfig, work: Path, method_cfg):
     local_report = None
     if cfg.local is not None and not has_units(student, cfg.local):
         print("local healing: nothing was removed or shared, so there is nothing to heal locally; "
-              f"its {cfg.local.max_minutes} min go back to the cure")
+              f"its {cfg.local.max_minutes} min go back to healing")
         if cfg.heal is not None and cfg.heal.max_minutes and cfg.local.max_minutes:
             cfg.heal = replace(cfg.heal, max_minutes=cfg.heal.max_minutes + cfg.local.max_minutes)
     elif cfg.local is not None:
@@ -282,7 +284,7 @@ def _evaluate_and_save(cfg: CompressConfig, dense, tokenizer, student, method_cf
                       "method_config": asdict(method_cfg), "method_report": report}
     provenance.update({
         "params": report["params"], "local_heal": local_report,
-        "cure": None if heal_state is None else {
+        "heal": None if heal_state is None else {
             "steps": heal_state.step, "tokens": heal_state.tokens, "seconds": round(heal_state.seconds, 1),
             "final_loss": heal_state.losses[-1] if heal_state.losses else None,
             "processes": heal_state.processes, "parallel": heal_state.parallel,
@@ -294,7 +296,7 @@ def _evaluate_and_save(cfg: CompressConfig, dense, tokenizer, student, method_cf
         provenance["metrics"] = summary_metrics(metrics)
     out = save_folded(student, cfg.out, tokenizer, provenance=provenance, overwrite=cfg.overwrite)
     if heal_state is not None:
-        _write_json(out / "cure_log.json", heal_state.losses)
+        _write_json(out / "heal_log.json", heal_state.losses)
     if metrics is not None:
         _write_json(out / "eval.json", metrics)
     return out

@@ -5,7 +5,7 @@ Block Influence of block i on calibration data,
     BI_i = 1 - mean over tokens of cos(x_i, x_{i+1})     x_i: hidden state entering block i
 
 and the `num_remove` blocks of lowest BI are deleted in one shot. No training: the
-paper reports the pruned model as is (a cure can still be asked for in the recipe).
+paper reports the pruned model as is (a healing run can still be asked for in the recipe).
 All blocks are scored on the dense model once; scores are not refreshed after removal,
 as in the paper.
 """

@@ -13,8 +13,8 @@ Schemes (what the XNNPACK delegate runs):
     8da4w  -> int8 dynamic activations, int4 symmetric weights in groups of `group_size`,
               scales by `WeightMethod` (rtn: max|w| / 7.5; hqq: half-quadratic search).
               ONNX int4 packs the very same 4-bit values (`int4_weights`; XNNPACK then keeps
-              the group scales in bf16), so a fold cured on this grid (compress.heal's
-              qat_bits=4) exports with no rounding beyond what its cure trained through.
+              the group scales in bf16), so a fold healed on this grid (compress.heal's
+              qat_bits=4) exports with no rounding beyond what its healing trained through.
     embedding_bits (tied embedding + head, one tensor): 8 -> the head is 8da8w and the
               embedding gathers from the same int8 tensor (`embedding_byte`); 4 -> the head
               is 8da4w and the embedding gathers 4-bit rows (`embedding_4bit`).

@@ -41,7 +41,7 @@ class ExportConfig:
     max_context: int = 512  # static KV-cache length where the backend needs one
     embedding_bits: int | None = None  # quantize the (tied) embedding to 4 or 8 bits, shared with the head
     group_size: int = 32  # int4 block / group size
-    weight_method: WeightMethod = WeightMethod.RTN  # 4-bit scales; a fold cured with qat_bits=4 wants rtn
+    weight_method: WeightMethod = WeightMethod.RTN  # 4-bit scales; a fold healed with qat_bits=4 wants rtn
     parity: bool = True  # run the parity gate before anything is written to `out`
     num_threads: int | None = None
     overwrite: bool = False  # replace an existing `out` this tool did not write (never the model itself)

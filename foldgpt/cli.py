@@ -42,8 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     d = RunConfig()  # the defaults; the flags change only what they name
     run(replace(d, model=args.model, dtype=args.dtype, out=args.out,
-                fold=replace(d.fold, removal_rate=args.removal_rate, num_unique_blocks=args.unique_blocks,
-                             group_size=None if args.unique_blocks else 2),
+                fold=replace(d.fold, removal_rate=args.removal_rate, num_unique_blocks=args.unique_blocks),
                 heal=replace(d.heal, max_minutes=args.heal_minutes, qat_bits=args.qat_bits),
                 calib=replace(d.calib, source=args.data), heal_data=replace(d.heal_data, source=args.data),
                 exports=parse_exports(args.exports) if args.exports else d.exports,
@@ -69,7 +68,7 @@ def _name_path(spec: str) -> tuple[str, str]:
 
 
 def _local_config(args: argparse.Namespace):
-    """--local-minutes: unset = the method's default (FoldGPT: a fifth of the cure's minutes), 0 = off."""
+    """--local-minutes: unset = the method's default (FoldGPT: a fifth of healing's minutes), 0 = off."""
     from compress.local_heal import LocalHealConfig
     from compress.recipe import METHOD_DEFAULT
 
@@ -128,7 +127,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         local=_local_config(args),
         heal=None if args.no_heal else heal_config(args.method, budget, lora_rank=args.lora_rank, distill=args.distill, last_blocks=args.last_blocks,
                                                    ce_weight=args.ce_weight, temperature=args.temperature,
-                                                   qat_bits=args.qat_bits, compute_dtype=args.cure_dtype,
+                                                   qat_bits=args.qat_bits, compute_dtype=args.heal_dtype,
                                                    batch_size=args.batch_size, seed=args.seed, parallel=args.parallel),
         eval=_eval_config(args),
     )
@@ -188,7 +187,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=512, help="KV-cache length for static-cache backends")
     p.add_argument("--embedding-bits", type=int, default=None, help="executorch: quantize the tied embedding and head to 8 bits (one tensor; 4 is refused: stored twice)")
     p.add_argument("--weight-method", default="rtn",
-                   help="4-bit scales: rtn (round to nearest; use it for a fold cured with --qat-bits 4) or hqq")
+                   help="4-bit scales: rtn (round to nearest; use it for a fold healed with --qat-bits 4) or hqq")
     p.add_argument("--no-parity", action="store_true", help="skip the parity gate (not recommended)")
     _overwrite_arg(p)
 
@@ -252,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: as stored; GGUF: float32)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("compress", help="fold a model: gates, removal, shared groups, cure (or a peer method)")
+    p = sub.add_parser("compress", help="fold a model: gates, removal, shared groups, heal (or a peer method)")
     p.add_argument("--model", default="default", help="source model (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="output directory for the folded model")
     p.add_argument("--method", default="foldgpt", help="foldgpt, shortgpt, streamline, layerchop or sleb")
@@ -268,25 +267,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "than sharing on the default model, benchmarks/results/quality.md)")
     p.add_argument("--unique-blocks", type=int, default=None, help="instead of --group-size: unique blocks to keep")
     p.add_argument("--heal-minutes", type=float, default=None,
-                   help="cure budget in minutes (default: foldgpt and layerchop 20, the others no cure)")
-    p.add_argument("--heal-steps", type=int, default=None, help="cure budget in optimizer steps")
-    p.add_argument("--heal-tokens", type=int, default=None, help="cure budget in training tokens")
-    p.add_argument("--no-heal", action="store_true", help="skip the cure")
+                   help="healing budget in minutes (default: foldgpt and layerchop 20, the others none)")
+    p.add_argument("--heal-steps", type=int, default=None, help="healing budget in optimizer steps")
+    p.add_argument("--heal-tokens", type=int, default=None, help="healing budget in training tokens")
+    p.add_argument("--no-heal", action="store_true", help="skip healing")
     p.add_argument("--distill", default=None,
-                   help="cure's distillation target: hidden, logits, both or none (default: hidden; layerchop none)")
+                   help="healing's distillation target: hidden, logits, both or none (default: hidden; layerchop none)")
     p.add_argument("--ce-weight", type=float, default=None,
-                   help="weight of the cure's next-token loss (default 1; 0 with --distill logits: distillation "
+                   help="weight of healing's next-token loss (default 1; 0 with --distill logits: distillation "
                         "alone, Minitron's recipe)")
     p.add_argument("--temperature", type=float, default=None, help="logit distillation temperature (default 2)")
-    p.add_argument("--lora-rank", type=int, default=0, help="cure with LoRA of this rank instead of full fine-tune")
-    p.add_argument("--cure-dtype", default=None, choices=("float32", "bfloat16"),
-                   help="the cure's forward passes in bfloat16 (autocast; weights stay fp32): more steps per minute "
+    p.add_argument("--lora-rank", type=int, default=0, help="heal with LoRA of this rank instead of full fine-tune")
+    p.add_argument("--heal-dtype", default=None, choices=("float32", "bfloat16"),
+                   help="healing's forward passes in bfloat16 (autocast; weights stay fp32): more steps per minute "
                         "on CPUs with AVX-512 BF16 or AMX")
     p.add_argument("--qat-bits", type=int, default=None,
-                   help="4: the cure runs through the exporters' 4-bit weights (8da4w, ONNX int4), so they lose little")
+                   help="4: healing runs through the exporters' 4-bit weights (8da4w, ONNX int4), so they lose little")
     p.add_argument("--last-blocks", type=int, default=None,
-                   help="cure only the last K depths (weights, deltas, norms) and the final norm: a shorter backward")
-    p.add_argument("--batch-size", type=int, default=4, help="cure sequences per step, per process")
+                   help="heal only the last K depths (weights, deltas, norms) and the final norm: a shorter backward")
+    p.add_argument("--batch-size", type=int, default=4, help="healing sequences per step, per process")
     p.add_argument("--parallel", default=None,
                    help="under accelerate launch with several processes: ddp (replicate the model, default) or fsdp "
                         "(shard it; one unit per shared block)")
@@ -300,10 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="foldgpt: comma list of gates, sleb, block_influence, span, gates_from_sleb (default: all); "
                         "the set with the lowest held-back KL is removed")
     p.add_argument("--held-back", type=int, default=None, help="foldgpt: calibration windows kept for scoring candidates (default 8)")
-    p.add_argument("--repair", default="sequential", help="foldgpt: closed-form map at each cut: sequential, dense or none")
+    p.add_argument("--repair", default="none",
+                   help="foldgpt: closed-form map at each cut: sequential, dense or none (default: measured worse after healing)")
     p.add_argument("--local-minutes", type=float, default=None,
                    help="train the block before each cut, and each shared group, towards the dense states for this "
-                        "long, taken from the cure's --heal-minutes (default foldgpt: a fifth of them; 0: off)")
+                        "long, taken from healing's --heal-minutes (default foldgpt: a fifth of them; 0: off)")
     p.add_argument("--local-loss", default=None, help="local healing loss: mse (default) or cosine")
     p.add_argument("--remove", default=None, help="foldgpt: comma list of source blocks to remove, skipping the selection "
                    "(e.g. a set an earlier run's provenance chose); overrides --removal-rate")
@@ -369,14 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default="runs/main", help="everything the run makes; rerun to resume")
-    p.add_argument("--heal-minutes", type=float, default=5.0, help="local healing (a fifth) and the cure")
+    p.add_argument("--heal-minutes", type=float, default=5.0, help="local healing (a fifth) and healing")
     p.add_argument("--removal-rate", type=float, default=1 / 3, help="fraction of blocks removed (default 10 of 30)")
     p.add_argument("--unique-blocks", type=int, default=20,
                    help="unique blocks kept; fewer than the kept depths shares adjacent ones (e.g. --removal-rate 0.2)")
     p.add_argument("--data", default="self",
                    help="calibration and healing text: 'self' (generated by the model), a .txt/.jsonl/.parquet file or a dataset name")
     p.add_argument("--qat-bits", type=int, default=None,
-                   help="4: cure through the 4-bit exports' rounding (compress/qat.py), for a fold shipped in 4 bits")
+                   help="4: heal through the 4-bit exports' rounding (compress/qat.py), for a fold shipped in 4 bits")
     p.add_argument("--profile", default=None, help="phone profile for the harnesses")
     p.add_argument("--exports", default=None,
                    help="BACKEND:PRECISION list (default: onnx:fp32,onnx:int4,executorch:8da4w+emb8), e.g. executorch:fp32")

@@ -2,7 +2,7 @@
 
     1. dense     the source model, saved in the folded format      OUT/dense
     2. compress  FoldGPT at the default point (gates, removal,      OUT/folded (+ OUT/folded.work)
-                 cut repair, local healing, a short cure), then its
+                 cut repair, local healing, a short heal), then its
                  perplexity beside dense on held-out self text       OUT/quality.json
     3. export    ONNX and ExecuTorch, dense and folded, each        OUT/exports/<model>-<backend>-<precision>
                  behind its parity gate
@@ -77,7 +77,7 @@ class RunConfig:
     fold: FoldConfig = field(default_factory=default_fold)
     heal: HealConfig = field(default_factory=lambda: HealConfig(max_minutes=5.0))
     # 256-token windows; FoldGPT holds 8 calibration windows back to score which blocks go;
-    # 128 healing windows: ~2 passes in a 5-minute cure (64 overfit: 15+ passes in 20 min)
+    # 128 healing windows: ~2 passes in a 5-minute heal (64 overfit: 15+ passes in 20 min)
     calib: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=40))
     heal_data: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=128, seed=1))
     exports: tuple[tuple[str, str], ...] = DEFAULT_EXPORTS
@@ -134,7 +134,7 @@ def run(cfg: RunConfig) -> dict:
         timings["quality_s"] = time.monotonic() - t
 
     t = _stage("3/4 export", ", ".join(f"{b} {p}" for b, p in cfg.exports))
-    exports = export_all({"dense": dense_dir, "folded": folded_dir}, cfg, out / "exports")
+    exports = export_all({"dense": dense_dir, "folded": folded_dir}, cfg.exports, out / "exports", cfg.max_context)
     timings["export_s"] = time.monotonic() - t
 
     bench_result = None
@@ -209,7 +209,7 @@ def quality_section(q: dict) -> str:
 
 
 def _compress_timings(folded_dir: Path) -> dict[str, float]:
-    """The compress stage's own split (data, fold, local, cure), from the folded model's provenance."""
+    """The compress stage's own split (data, fold, local, heal), from the folded model's provenance."""
     from compress.format import read_fold_section
 
     return ((read_fold_section(folded_dir) or {}).get("provenance") or {}).get("timings", {})
@@ -220,7 +220,7 @@ def timing_section(timings: dict[str, float], compress_timings: dict[str, float]
     the run's minutes went, and how many of them trained the model. A stage a rerun skipped
     shows the rerun's time (reading its artifact); the compress split is the run that made the fold."""
     names = {"data_s": "self text (calibration + healing)", "fold_s": "selection, removal, repair, sharing",
-             "local_s": "local healing", "cure_s": "cure"}
+             "local_s": "local healing", "heal_s": "end-to-end healing"}
     lines = ["## Where the time went", "", "| stage | minutes |", "|---|---|"]
     for key, label in (("dense_s", "dense"), ("compress_s", "compress"), ("quality_s", "quality"),
                        ("export_s", "exports"), ("bench_s", "bench")):
@@ -244,15 +244,17 @@ def llamacpp_peer(model: str) -> str | None:
     return str(default_gguf())
 
 
-def export_all(models: dict[str, Path], cfg: RunConfig, root: Path) -> dict[str, list[dict]]:
-    """Every (model, backend, precision) export; an existing artifact is kept, a failure recorded."""
+def export_all(models: dict[str, Path], exports: tuple[tuple[str, str], ...], root: Path,
+               max_context: int) -> dict[str, list[dict]]:
+    """Every (model, backend, precision) export into root/NAME-BACKEND-PRECISION; an existing
+    artifact is kept, a failure (e.g. a fold no exporter stores) recorded in one line."""
     from export.registry import ExportConfig, get_backend
 
     root.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     for name, model_dir in models.items():
         rows = results.setdefault(name, [])
-        for backend, precision in cfg.exports:
+        for backend, precision in exports:
             folder = root / f"{name}-{backend}-{precision}"
             path = get_backend(backend).artifact_path(folder)
             if path != folder:
@@ -266,7 +268,7 @@ def export_all(models: dict[str, Path], cfg: RunConfig, root: Path) -> dict[str,
             print(f"-- export {name} {backend} {precision}", flush=True)
             try:
                 # the bench stage measures memory in its own fresh processes: skip the export's probes
-                report = get_backend(backend).export(model_dir, path, ExportConfig.from_spec(precision, max_context=cfg.max_context),
+                report = get_backend(backend).export(model_dir, path, ExportConfig.from_spec(precision, max_context=max_context),
                                                      measure=False)
                 report_file.write_text(json.dumps(report, indent=1, default=str))
                 row["status"] = "ok"

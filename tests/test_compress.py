@@ -304,7 +304,7 @@ def test_fold_config_checks_against_depth():
 def test_cure_steps_reduce_the_loss_on_a_fixed_batch(tmp_path, steps, compute_dtype):
     """compute_dtype=bfloat16 autocasts the forward passes; the weights it trains stay fp32."""
     teacher = tiny_model(layers=4, hidden=64, vocab=99)
-    student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, gate=GateConfig(steps=10)))
+    student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, group_size=2, gate=GateConfig(steps=10)))
     batch = tokens(n=4)
     cfg = HealConfig(max_steps=steps, batch_size=4, lr=1e-3, warmup_steps=1, compute_dtype=compute_dtype)
     with torch.no_grad():
@@ -325,7 +325,7 @@ def test_cure_compute_dtype_is_checked():
 def test_distillation_alone_drops_the_next_token_loss():
     """ce_weight=0 (Minitron): the loss is the logit KL and nothing else; at ce_weight=1 the CE adds on."""
     teacher = tiny_model(layers=4, hidden=64, vocab=99)
-    student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, gate=GateConfig(steps=10)))
+    student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, group_size=2, gate=GateConfig(steps=10)))
     batch = tokens(n=4)
     with torch.no_grad():
         alone = _step(student, teacher, batch, HealConfig(max_steps=1, distill="logits", ce_weight=0.0, temperature=1.0))
@@ -338,7 +338,7 @@ def test_distillation_alone_drops_the_next_token_loss():
 
 def test_lora_cure_keeps_sharing_and_changes_weights(tmp_path):
     teacher = tiny_model(layers=4, hidden=64, vocab=99)
-    student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.0, gate=GateConfig(steps=1)))
+    student, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.0, group_size=2, gate=GateConfig(steps=1)))
     w = get_adapter(student).get_layers(student)[0].mlp.up_proj.weight.detach().clone()
     student, _ = heal(student, teacher, tokens(), HealConfig(max_steps=3, lora_rank=4, lr=1e-2, warmup_steps=1), tmp_path)
     layers = get_adapter(student).get_layers(student)
@@ -363,7 +363,7 @@ def test_last_blocks_cure_trains_only_the_last_depths(tmp_path):
 
 def test_interrupted_cure_resumes_to_the_same_weights(tmp_path, monkeypatch):
     teacher = tiny_model(layers=4, hidden=64, vocab=99)
-    start, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.0, gate=GateConfig(steps=1)))
+    start, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.0, group_size=2, gate=GateConfig(steps=1)))
     data, cfg = tokens(n=12), HealConfig(max_steps=5, checkpoint_every=2, lr=1e-3)
     straight, _ = heal(copy.deepcopy(start), teacher, data, cfg, tmp_path / "a")
 
@@ -411,7 +411,7 @@ def test_teacher_hidden_and_logits_are_the_full_forwards(family):
 
 def test_teacher_cache_runs_each_sequence_once_and_changes_nothing(tmp_path):
     teacher = tiny_model(layers=4, hidden=64, vocab=99)
-    start, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, gate=GateConfig(steps=1)))
+    start, _ = fold(copy.deepcopy(teacher), tokens(), FoldConfig(removal_rate=0.25, group_size=2, gate=GateConfig(steps=1)))
     data = tokens(n=6)
     rows = []
     base = get_adapter(teacher).get_base(teacher)
@@ -463,7 +463,7 @@ def test_compress_cli_writes_a_folded_model(tmp_path, tiny_dir):
     model, tok = load_folded(tmp_path / "folded")
     fold = model.config.fold
     assert fold["schedule"] == [0, 0, 1, 1] and len(fold["provenance"]["removed_blocks"]) == 2
-    assert fold["provenance"]["method"] == "foldgpt" and fold["provenance"]["cure"]["steps"] == 3
+    assert fold["provenance"]["method"] == "foldgpt" and fold["provenance"]["heal"]["steps"] == 3
     assert len(fold["provenance"]["gates"]) == 6
     assert tok is not None
 
@@ -500,7 +500,7 @@ def test_compress_refuses_a_work_dir_from_an_older_version(tmp_path, tiny_dir, c
     capsys.readouterr()  # the first run's progress bars
     assert main(compress_args(tmp_path, tiny_dir, "--resume")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "older foldgpt (work-dir version 1, this is 2)" in err[0]
+    assert len(err) == 1 and "older foldgpt (work-dir version 1, this is 3)" in err[0]
 
 
 def test_default_gates_are_part_of_the_fold_key(tmp_path, tiny_dir):

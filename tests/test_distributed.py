@@ -95,7 +95,7 @@ def test_two_process_compress_writes_once_what_one_process_writes(tmp_path, tiny
     one = run("one", 1, "--batch-size", "4")
     two = run("two", 2, "--batch-size", "2", "--parallel", "fsdp")
     assert two.config.fold["schedule"] == one.config.fold["schedule"] == [0, 0, 1, 1]
-    assert {k: two.config.fold["provenance"]["cure"][k] for k in ("steps", "processes", "parallel")} == \
+    assert {k: two.config.fold["provenance"]["heal"][k] for k in ("steps", "processes", "parallel")} == \
         {"steps": 3, "processes": 2, "parallel": "fsdp"}
     assert_same_weights(one.state_dict(), two.state_dict())
     assert not list((tmp_path / "two").rglob("*.tmp"))

@@ -88,7 +88,7 @@ def test_local_minutes_come_out_of_the_cures(tmp_path):
 
     cfg = CompressConfig(out=str(tmp_path / "o"), heal=HealConfig(max_minutes=20), local=LocalHealConfig(max_minutes=4))
     assert cfg.heal.max_minutes == 16
-    with pytest.raises(ValueError, match="local healing's 4 min leave nothing of the cure's 4 min"):
+    with pytest.raises(ValueError, match="local healing's 4 min leave nothing of healing's 4 min"):
         CompressConfig(out=str(tmp_path / "o"), heal=HealConfig(max_minutes=4), local=LocalHealConfig(max_minutes=4))
 
 
@@ -114,7 +114,7 @@ def test_nothing_to_heal_locally_is_said_and_the_minutes_go_back_to_the_cure(tmp
     del args[i : i + 2]  # a cure in minutes, so the default local share applies
     assert main(args) == 0
     assert "nothing was removed or shared, so there is nothing to heal locally" in capsys.readouterr().out
-    cure = json.loads((tmp_path / "folded.work" / "cure.json").read_text())["settings"]["heal"]
+    cure = json.loads((tmp_path / "folded.work" / "heal.json").read_text())["settings"]["heal"]
     assert cure["max_minutes"] == 0.05
     assert main(compress_args(tmp_path / "b", tiny_dir, "--local-loss", "cosine")) == 2  # needs --local-minutes
 

@@ -318,6 +318,6 @@ def test_cli_compress_with_a_peer_method_records_its_report(tmp_path, tiny_dir, 
     assert prov["method"] == method and model.config.num_hidden_layers == 4 and len(prov["removed_blocks"]) == 2
     assert key in prov["method_report"] and sorted(prov["method_report"]["removed"]) == prov["removed_blocks"]
     if method == "layerchop":  # its cure: LM loss only, every weight
-        assert prov["cure"]["steps"] == 3 and set(prov["cure"]["final_loss"]) == {"ce", "loss", "step"}
+        assert prov["heal"]["steps"] == 3 and set(prov["heal"]["final_loss"]) == {"ce", "loss", "step"}
     else:
-        assert prov["cure"] is None
+        assert prov["heal"] is None

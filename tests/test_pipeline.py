@@ -35,7 +35,7 @@ def config(tmp_path, source, fold=None, heal=None, **kw):
 
     text = str(tmp_path / "text.txt")
     base = dict(model=str(source), out=str(tmp_path / "run"),
-                fold=FoldConfig(**{"removal_rate": 0.34, "gate": GateConfig(steps=5),
+                fold=FoldConfig(**{"removal_rate": 0.34, "group_size": 2, "gate": GateConfig(steps=5),
                                    "select": SelectConfig(candidates="gates"), **(fold or {})}),
                 heal=HealConfig(**{"max_minutes": 0.05, **(heal or {})}),
                 calib=DataConfig(source=text, num_sequences=12, seq_len=16),
@@ -146,7 +146,8 @@ def test_a_new_export_backend_is_one_registration(tmp_path, monkeypatch):
     exports = parse_exports("dummy:int8")
     with pytest.raises(ValueError, match="dummy backend exports int8, not fp32"):
         parse_exports("dummy:fp32")
-    rows = export_all({"folded": tmp_path / "model"}, RunConfig(exports=exports), tmp_path / "exports")["folded"]
+    assert RunConfig(exports=exports).exports == (("dummy", "int8"),)  # the run accepts it as any other
+    rows = export_all({"folded": tmp_path / "model"}, exports, tmp_path / "exports", max_context=64)["folded"]
     folder = tmp_path / "exports" / "folded-dummy-int8"
     assert rows == [{"backend": "dummy", "precision": "int8", "path": str(folder / "m.bin"), "status": "ok"}]
     assert written == [folder / "m.bin"] and (folder / "m.bin").read_text().startswith("int8 of")
@@ -157,8 +158,8 @@ def test_timing_section_splits_compress_into_its_stages():
     from foldgpt.pipeline import timing_section
 
     text = timing_section({"dense_s": 30, "compress_s": 600, "export_s": 300},
-                          {"data_s": 120, "fold_s": 180, "local_s": 60, "cure_s": 240})
+                          {"data_s": 120, "fold_s": 180, "local_s": 60, "heal_s": 240})
     lines = text.splitlines()
-    assert lines.index("| compress | 10.0 |") < lines.index("| - cure | 4.0 |") < lines.index("| exports | 5.0 |")
+    assert lines.index("| compress | 10.0 |") < lines.index("| - end-to-end healing | 4.0 |") < lines.index("| exports | 5.0 |")
     assert "| - local healing | 1.0 |" in lines and "| **total** | **15.5** |" in lines
     assert "bench" not in text  # a stage that did not run is not listed

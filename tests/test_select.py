@@ -76,7 +76,7 @@ def test_fold_records_the_selection_and_the_repair(monkeypatch):
     model = tiny_model(layers=6, hidden=64)
     monkeypatch.setattr(select, "learn_gates", gates_closing([2, 4]))
     _, report = fold(model, own_text(model, n=72, seq=24), FoldConfig(
-        removal_rate=1 / 3, group_size=None, select=SelectConfig(candidates="gates")))
+        removal_rate=1 / 3, group_size=None, select=SelectConfig(candidates="gates"), repair=RepairConfig()))
     row = report.selection["candidates"]["gates"]
     assert report.selection["winner"] == "gates" and report.removed == [2, 4]
     assert report.selection["repaired"] and row["kl_repaired"] < row["kl"]
@@ -117,7 +117,7 @@ def test_a_repair_that_raises_the_held_back_kl_is_not_kept(monkeypatch):
     monkeypatch.setattr(select, "learn_gates", gates_closing([2]))
     model = tiny_model(layers=4)
     _, report = fold(model, tokens(n=12, seq=16), FoldConfig(
-        removal_rate=0.25, group_size=None, select=SelectConfig(candidates="gates", held_back=4)))
+        removal_rate=0.25, group_size=None, select=SelectConfig(candidates="gates", held_back=4), repair=RepairConfig()))
     row = report.selection["candidates"]["gates"]
     assert row["kl_repaired"] > row["kl"] and report.selection["repaired"] is False and report.repair is None
 
