@@ -2,7 +2,7 @@
 
     1. dense     the source model, saved in the folded format      OUT/dense
     2. compress  FoldGPT at the default point (gates, removal,      OUT/folded (+ OUT/folded.work)
-                 cut repair, local healing, a short heal), then its
+                 local healing, a short end-to-end heal), then its
                  perplexity beside dense on held-out self text       OUT/quality.json
     3. export    ONNX and ExecuTorch, dense and folded, each        OUT/exports/<model>-<backend>-<precision>
                  behind its parity gate
