@@ -268,7 +268,8 @@ def decode_speeds(rows: list[dict], rounds: int, tokens: int, on: str = "torch")
         for name, path in models.items():  # each into its own work dir, kept for a rerun
             (made,) = export_all({"model": path}, (pair,), Path(f"{path}.work") / "exports", DECODE_CONTEXT)["model"]
             artifacts[name] = made["path"] if made["status"] == "ok" else None
-            out[name] = {"artifact_bytes": artifact_bytes(made["path"])} if artifacts[name] else {"export_error": made["error"]}
+            out[name] = ({"artifact_bytes": artifact_bytes(made["path"])} if artifacts[name]
+                         else {"export_error": made["error"].removeprefix(f"{path}: ")})
     backend = on.partition(":")[0]
     entries = [[name, backend, artifact] for name, artifact in artifacts.items() if artifact]
     vocab = json.loads((dense / "config.json").read_text())["vocab_size"]
@@ -341,8 +342,9 @@ def write_report(dense: dict, rows: list[dict], command: str, decode: dict | Non
                      + (f" + local {r['local_minutes']:g} min" if r["local_minutes"] else ""))
         cells += deploy_cells(row_label(r))
         lines.append("| " + " | ".join(cells) + " |")
-    errors = sorted({m["export_error"] for m in models.values() if "export_error" in m})
-    lines += [f"\nNot exported: {e}" for e in errors]
+    for error in sorted({m["export_error"] for m in models.values() if "export_error" in m}):
+        names = [name for name, m in models.items() if m.get("export_error") == error]
+        lines += ["", f"Not exported ({', '.join(names)}): {error}"]
     lines += standing(rows)
     lines += ["", "Rows and their work dirs (a finished dir is reused on a rerun):", ""]
     lines += [f"- {r['point']} {r['method']} {r['variant']}: removed {r['removed_blocks']}, schedule {r['schedule']}, "
@@ -384,18 +386,22 @@ def plot(dense: dict, rows: list[dict], tasks: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     panels = ["wikitext2_ppl", *tasks]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 3.5, 4))
+    labels = list(dict.fromkeys(f"{r['method']} {r['variant']}".strip() for r in rows))
+    colors = plt.cm.tab20(range(len(labels))) if len(labels) <= 20 else plt.cm.viridis([i / len(labels) for i in range(len(labels))])
     for ax, key in zip(axes, panels):
-        for label in dict.fromkeys(f"{r['method']} {r['variant']}".strip() for r in rows):
+        for label, color in zip(labels, colors):
             pts = sorted((r["unique_params"] / 1e6, r[key]) for r in rows if f"{r['method']} {r['variant']}".strip() == label)
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o" if label.startswith("foldgpt") else "s",
+                    color=color, label=label)
         ax.scatter([dense["unique_params"] / 1e6], [dense[key]], color="black", marker="*", s=80, label="dense")
         ax.set_title(key)
         ax.set_xlabel("unique parameters (M)")
     axes[0].set_yscale("log")
-    axes[-1].legend(fontsize=7)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center right", fontsize=7)  # beside the panels, not over the points
     fig.suptitle("Quality vs size on the default model (20-minute budget)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 3.5 / fig.get_figwidth(), 1))
     fig.savefig(RESULTS / "quality.png", dpi=120)
     plt.close(fig)
 
