@@ -3,6 +3,8 @@
     python benchmarks/quality.py --rows foldgpt:p25:removal,foldgpt:p25:share,foldgpt:p25:share-d32,sleb:p25
     python benchmarks/quality.py --rows all               # every method and FoldGPT's main variants, 3 sizes
     python benchmarks/quality.py --rows ... --report-only  # rewrite the report from finished rows
+    python benchmarks/quality.py --rows ... --decode-rounds 5 --decode-on executorch:8da4w+emb8
+                                  # each row exported once: its bytes, and decode x dense in paired rounds
 
 A row is METHOD:POINT[:VARIANT]. POINT is the size: p15 / p25 / p36 remove about 15 / 25 /
 36 % of the unique parameters (6 / 10 / 14 of 30 blocks' worth). FoldGPT's VARIANT is
