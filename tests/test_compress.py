@@ -291,6 +291,16 @@ def test_fold_config_rejects_bad_values(kwargs, match):
         FoldConfig(**kwargs)
 
 
+def test_fold_config_defaults_remove_only_and_pass_their_own_checks():
+    """The measured default (quality.md): no shared groups, no cut repair; num_unique_blocks
+    alone no longer clashes with a group_size default."""
+    cfg = FoldConfig(removal_rate=0.25, gate=GateConfig(steps=2))
+    assert cfg.group_size is None and cfg.repair is None
+    FoldConfig(num_unique_blocks=2).check(4)
+    student, report = fold(tiny_model(layers=4, hidden=64, vocab=99), tokens(), cfg)
+    assert schedule_of(student) == [0, 1, 2] and report.repair is None
+
+
 def test_fold_config_checks_against_depth():
     with pytest.raises(ValueError, match="removes all"):
         FoldConfig(removal_rate=0.9).check(2)
@@ -464,7 +474,8 @@ def test_compress_cli_writes_a_folded_model(tmp_path, tiny_dir):
     fold = model.config.fold
     assert fold["schedule"] == [0, 0, 1, 1] and len(fold["provenance"]["removed_blocks"]) == 2
     assert fold["provenance"]["method"] == "foldgpt" and fold["provenance"]["heal"]["steps"] == 3
-    assert len(fold["provenance"]["gates"]) == 6
+    assert len(fold["provenance"]["gates"]) == 6 and fold["provenance"]["repair"] is None  # repair is opt-in
+    assert (tmp_path / "folded" / "heal_log.json").is_file() and (tmp_path / "folded.work" / "heal.json").is_file()
     assert tok is not None
 
 
