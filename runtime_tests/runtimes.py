@@ -22,6 +22,7 @@ bench.py ask the registry.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -271,8 +272,9 @@ class LlamaCppRunner:
         if Path(artifact).suffix != ".gguf" or not Path(artifact).is_file():
             raise FileNotFoundError(f"{artifact}: not a .gguf file")
         threads = threads or 1
-        self.llm = Llama(str(artifact), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                         logits_all=False, verbose=False)
+        with _without_amx(llama_cpp):
+            self.llm = Llama(str(artifact), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                             logits_all=False, verbose=False)
         self.vocab_size = self.llm.n_vocab()
         self.max_context = n_ctx
         self._logits_ith = llama_cpp.llama_get_logits_ith
@@ -291,6 +293,39 @@ class LlamaCppRunner:
 
     def step(self, token: int) -> np.ndarray:
         return self._eval([int(token)])
+
+
+def cpu_reports_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_tile" in f.read()
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _without_amx(llama_cpp):
+    """llama.cpp (built for the host CPU) moves weights into its AMX buffers when the CPU
+    reports AMX, and on guests that report AMX without enabling its tile state the first
+    matmul dies with SIGILL (`tilezero`; seen on this project's Intel machines). There,
+    load without llama.cpp's extra buffer types (AMX, repacking): llama-cpp-python exposes
+    no argument for it, so its default model parameters are patched while `Llama` loads."""
+    lib = getattr(llama_cpp, "llama_cpp", None)
+    if lib is None or not cpu_reports_amx():
+        yield
+        return
+    default = lib.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
 
 
 def llamacpp_available() -> bool:

@@ -226,6 +226,36 @@ def test_llamacpp_runner_reads_the_last_positions_logits(tmp_path, monkeypatch):
         make_runner("llamacpp", tmp_path / "model.pte")
 
 
+def test_llamacpp_loads_without_extra_buffers_only_where_the_cpu_reports_amx(tmp_path, monkeypatch):
+    """AMX reported but not enabled kills llama.cpp with SIGILL: there its weights skip the
+    extra (AMX) buffers; elsewhere llama.cpp's defaults stand, and are restored after loading."""
+    import sys
+    import types
+
+    from runtime_tests import runtimes
+
+    seen = []
+
+    class Params:
+        use_extra_bufts = True
+
+    lib = types.SimpleNamespace(llama_model_default_params=Params)
+
+    class Loading(FakeLlama):
+        def __init__(self, path, **kw):
+            super().__init__(path, **kw)
+            seen.append(lib.llama_model_default_params().use_extra_bufts)
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(
+        Llama=Loading, llama_get_logits_ith=fake_logits_ith, llama_cpp=lib))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    for amx in (True, False):
+        monkeypatch.setattr(runtimes, "cpu_reports_amx", lambda: amx)
+        make_runner("llamacpp", gguf)
+    assert seen == [False, True] and lib.llama_model_default_params is Params
+
+
 def test_ratios_are_per_round_medians_within_a_decode_group():
     from runtime_tests.bench import decode_groups, ratios
 
