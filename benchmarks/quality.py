@@ -33,18 +33,22 @@ pretraining (compress.methods).
 Every row is a `compress` run with the same self-generated calibration and healing text
 and the same 20-minute budget; its work dir is benchmarks/work/TAG/NAME (FoldGPT) or
 benchmarks/work/peers/METHOD-POINT. A dir holding a finished run with that budget is
-reused (the report lists each row's dir), an interrupted one resumes. All rows are
-evaluated against one dense result (benchmarks/work/dense_eval.json).
+reused (the report lists each row's dir), an interrupted one resumes. A row whose work dir is
+gone (work dirs are not committed; a fresh machine has none) is taken from the committed
+results, as is its base row's removed set: only new rows run. All rows are evaluated against
+one dense result (benchmarks/work/dense_eval.json).
 
 Writes benchmarks/results/quality.{json,md} and quality.png. The JSON has `dense` and
 `rows`; each row carries method, point, variant, unique_params, unique_bytes,
 wikitext2_ppl, self_held_out_ppl and the dev accuracies (acc_norm), no per-item lists
-(those stay in the work dirs and feed the paired standard errors in the report).
+(those feed the paired standard errors in the report and are committed apart, one 0/1
+string per row and task, in quality_items.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -201,11 +205,37 @@ def budget_of(work: Path) -> float | None:
     return setting("fold", "peer", "train_minutes")
 
 
+@functools.cache
+def committed() -> tuple[dict, dict, dict | None]:
+    """The committed rows by label, their per-item records ({label: {task: '0110...'}}, with the
+    tasks' item ids under 'ids') and decode series, as they were before this run rewrote them,
+    so a fresh machine reruns only what is new."""
+    res, items = RESULTS / "quality.json", RESULTS / "quality_items.json"
+    results = json.loads(res.read_text()) if res.is_file() else {"rows": []}
+    return ({row_label(r): r for r in results["rows"]}, json.loads(items.read_text()) if items.is_file() else {},
+            results.get("decode"))
+
+
+def committed_row(label: str, args) -> dict | None:
+    """The committed row `label` in the results' shape (its `_eval` rebuilt from the committed
+    items, None where none were kept), or None; a committed row ran with the default budget."""
+    rows, items, _ = committed()
+    if label not in rows or args.heal_minutes != 20.0:
+        return None
+    tasks = items.get("rows", {}).get(label)
+    evaluated = {"tasks": {t: {"ids": items["ids"][t], "correct": [c == "1" for c in bits],
+                               "acc_norm": rows[label][t]} for t, bits in tasks.items()}} if tasks else None
+    return {**rows[label], "reused": "committed", "_eval": evaluated}
+
+
 def run_row(method: str, point: str, variant: str, args, eval_cfg, reference: dict) -> dict:
     """Run (or reuse) one row; returns it in the results' shape, plus `_eval` (per-item lists, not saved)."""
     from compress.recipe import compress
 
     out = row_dir(method, point, variant)
+    if not (out / "eval.json").is_file() and not Path(f"{out}.work").exists() and (
+            kept := committed_row(row_label({"method": method, "point": point, "variant": variant}), args)):
+        return kept
     if (out / "eval.json").is_file():
         ran, asked = budget_of(Path(f"{out}.work")), None if method.endswith(NO_CURE) else args.heal_minutes
         if ran != asked:
@@ -218,8 +248,10 @@ def run_row(method: str, point: str, variant: str, args, eval_cfg, reference: di
             remove = run_row(peer, point, "", args, eval_cfg, reference)["removed_blocks"]
         elif rank or mods:  # the base row's removal, so the variant changes one thing
             remove = run_row(method, point, base, args, eval_cfg, reference)["removed_blocks"]
+        record_cpu(out)
         compress(fold_config(point, variant, remove, args, eval_cfg, reference))
     else:
+        record_cpu(out)
         compress(peer_config(method, point, args, eval_cfg, reference))
     prov = json.loads((out / "config.json").read_text())["fold"]["provenance"]
     folded = json.loads((out / "eval.json").read_text())["folded"]
@@ -235,7 +267,40 @@ def run_row(method: str, point: str, variant: str, args, eval_cfg, reference: di
         "heal_steps": healing.get("steps"), "heal_minutes": round(healing.get("seconds", 0) / 60, 1),
         "local_minutes": _local_minutes(prov.get("local_heal")), "deltas": bool(json.loads((out / "config.json").read_text())["fold"].get("deltas")),
         "dir": str(out.relative_to(WORK.parent.parent)), "_eval": folded,
+        "cpu": json.loads(cpu_file(out).read_text())["cpu"] if cpu_file(out).is_file() else None,
+        "heal_text_sha": text_sha(Path(f"{out}.work") / "heal.pt"),
     }
+
+
+def text_sha(windows: Path) -> str | None:
+    """The healing windows' fingerprint: rows compare only on the same text (self text is sampled
+    on the CPU at hand, and another CPU's arithmetic can sample other documents)."""
+    import hashlib
+
+    import torch
+
+    return hashlib.sha256(torch.load(windows).numpy().tobytes()).hexdigest()[:12] if windows.is_file() else None
+
+
+def cpu_file(out: Path) -> Path:
+    return Path(f"{out}.cpu.json")
+
+
+def record_cpu(out: Path) -> None:
+    """The CPU a row trains on (the first to start it): it sets how many steps the minutes buy."""
+    if not cpu_file(out).is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cpu_file(out).write_text(json.dumps({"cpu": cpu_name()}))
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or "unknown"
 
 
 def _local_minutes(report: dict | None) -> float | None:
@@ -262,7 +327,10 @@ def decode_speeds(rows: list[dict], rounds: int, tokens: int, on: str = "torch")
     from runtime_tests.runtimes import get_runtime
 
     dense = save_dense("default", WORK / "dense")
-    models = {"dense": dense, **{row_label(r): WORK.parent.parent / r["dir"] for r in rows}}
+    gone = [row_label(r) for r in rows if not (WORK.parent.parent / r["dir"]).is_dir()]
+    if gone:
+        print(f"not timed (their folded models are not on this machine): {', '.join(gone)}")
+    models = {"dense": dense, **{row_label(r): WORK.parent.parent / r["dir"] for r in rows if row_label(r) not in gone}}
     artifacts = {name: str(path) for name, path in models.items()}
     out = {name: {} for name in models}
     if on != "torch":
@@ -303,9 +371,14 @@ def write_report(dense: dict, rows: list[dict], command: str, decode: dict | Non
     dense_row = {**{f"{t}_ppl": round(p, 3) for t, p in dense["perplexity"].items()},
                  **{t: round(m["acc_norm"], 4) for t, m in dense["tasks"].items()},
                  "unique_params": round(rows[0]["unique_params"] / (1 - rows[0]["unique_reduction"]))}
-    saved = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    saved = [{k: v for k, v in r.items() if not k.startswith("_") and k != "reused"} for r in rows]
     (RESULTS / "quality.json").write_text(json.dumps({"command": command, "dense": dense_row, "rows": saved,
                                                       "decode": decode}, indent=1))
+    kept = [r for r in rows if r["_eval"]]
+    ids = {t: m["ids"] for r in kept for t, m in r["_eval"]["tasks"].items()}
+    (RESULTS / "quality_items.json").write_text(json.dumps({"ids": ids, "rows": {
+        row_label(r): {t: "".join("1" if c else "0" for c in m["correct"]) for t, m in r["_eval"]["tasks"].items()}
+        for r in kept}}, indent=1))
     tasks = list(dense["tasks"])
     speed = decode is not None and any(row_label(r) in decode["models"] for r in rows)
     sized = speed and decode["on"] != "torch"
@@ -324,7 +397,8 @@ def write_report(dense: dict, rows: list[dict], command: str, decode: dict | Non
         "# Quality per byte: FoldGPT variants and peers on SmolLM2-135M-Instruct",
         "",
         f"Reproduce: `{command}` (dev sets from ../shared/data/dev, measurement only; calibration and",
-        "healing text generated by the dense model; every row the same 20-minute budget and the same texts).",
+        "healing text generated by the dense model; every row the same 20-minute budget and the same text settings:",
+        "the rows list each row's CPU, which sets the steps those minutes buy, and its healing text's fingerprint).",
         "Perplexity: in brackets x dense. Accuracy: acc_norm, in brackets relative to dense."
         + (f" Decode: {decode['on']} speed x dense through the runtime harness, {decode['tokens']} tokens, median of "
            f"{decode['rounds']} paired rounds (`--decode-on {decode['on']} --decode-rounds {decode['rounds']}`)." if speed else ""),
@@ -350,7 +424,10 @@ def write_report(dense: dict, rows: list[dict], command: str, decode: dict | Non
     lines += standing(rows)
     lines += ["", "Rows and their work dirs (a finished dir is reused on a rerun):", ""]
     lines += [f"- {r['point']} {r['method']} {r['variant']}: removed {r['removed_blocks']}, schedule {r['schedule']}, "
-              f"`{r['dir']}`" for r in rows]
+              f"`{r['dir']}`" + (f", trained on {r['cpu']}, healing text {r['heal_text_sha']}" if r.get("cpu")
+                                 else ", CPU and healing text not recorded")
+              + (" (taken from the committed results: its dir is not on this machine)"
+                 if r.get("reused") == "committed" else "") for r in rows]
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
     plot(dense_row, rows, tasks)
 
@@ -372,6 +449,10 @@ def standing(rows: list[dict]) -> list[str]:
             continue
         lower = [f"{r['method']} {r['wikitext2_ppl']:.1f}" for r in others if r["wikitext2_ppl"] < best["wikitext2_ppl"]]
         parts = [head + ", " + (f"beaten by {', '.join(lower)}" if lower else "no peer lower")]
+        if not best["_eval"] or not all(r["_eval"] for r in others):
+            lines.append(f"- {point}: " + parts[0] + "; accuracy not paired: a row here predates the committed "
+                         "per-item records (quality_items.json), rerun it to pair")
+            continue
         for task, m in best["_eval"]["tasks"].items():
             diffs = [(r["method"], *paired_difference(r["_eval"]["tasks"][task], m)) for r in others]
             ahead = [f"{n} +{d * 100:.1f} +- {se * 100:.1f} pts{' (clear)' if d > 2 * se else ''}" for n, d, se in diffs if d > 0]
@@ -434,7 +515,8 @@ def main() -> None:
     command = "python benchmarks/quality.py " + shlex.join(a for a in sys.argv[1:] if a != "--report-only")
     rows = []
     for method, point, variant in wanted:
-        if args.report_only and not (row_dir(method, point, variant) / "eval.json").is_file():
+        if args.report_only and not (row_dir(method, point, variant) / "eval.json").is_file() and not committed_row(
+                row_label({"method": method, "point": point, "variant": variant}), args):
             print(f"{method}:{point}:{variant}: not run, left out")
             continue
         t = time.monotonic()
@@ -445,8 +527,10 @@ def main() -> None:
         if args.decode_rows else {row_label(r) for r in rows}
     if args.decode_rounds and rows:
         decode = decode_speeds([r for r in rows if row_label(r) in timed], args.decode_rounds, args.decode_tokens, args.decode_on)
-    else:  # the last series on this runtime, if any, so a report-only rewrite keeps it
-        decode = json.loads(decode_file(args.decode_on).read_text()) if decode_file(args.decode_on).is_file() else None
+    else:  # the last series on this runtime, if any (here, else the committed one), so a report-only rewrite keeps it
+        kept = committed()[2]
+        decode = json.loads(decode_file(args.decode_on).read_text()) if decode_file(args.decode_on).is_file() \
+            else kept if kept and kept["on"] == args.decode_on else None
     write_report(reference, rows, command, decode)
     print((RESULTS / "quality.md").read_text())
 
