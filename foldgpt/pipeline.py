@@ -108,6 +108,7 @@ def run(cfg: RunConfig) -> dict:
     # the settings were checked when cfg was built (each config's __post_init__): OUT is made only now
     out = mark(check_output(cfg.out, Kind.RUN, inputs=(cfg.model,), overwrite=cfg.overwrite), Kind.RUN)
     timings: dict[str, float] = {}
+    earlier, kept = _earlier_timings(out), set()  # a stage this run skips keeps the minutes it took when it ran
 
     t = _stage("1/4 dense", f"load {cfg.model}")
     dense_dir = save_dense(cfg.model, out / "dense", cfg.dtype)
@@ -116,12 +117,13 @@ def run(cfg: RunConfig) -> dict:
     t = _stage("2/4 compress", f"removal {cfg.fold.removal_rate:.3g}, unique blocks {cfg.fold.num_unique_blocks}, "
                                f"{cfg.heal.max_minutes} min of healing")
     folded_dir = out / "folded"
-    if not (folded_dir / WEIGHTS_NAME).is_file():
+    skipped = (folded_dir / WEIGHTS_NAME).is_file()
+    if not skipped:
         compress(CompressConfig(
             out=str(folded_dir), model=str(dense_dir), dtype=cfg.dtype, fold=cfg.fold, heal=cfg.heal, resume=True,
             calib=cfg.calib, heal_data=cfg.heal_data,
         ))
-    timings["compress_s"] = time.monotonic() - t
+    _took(timings, "compress_s", t, earlier if skipped else {}, kept)
     from compress.format import load_folded
 
     folded, _ = load_folded(folded_dir)
@@ -135,7 +137,7 @@ def run(cfg: RunConfig) -> dict:
 
     t = _stage("3/4 export", ", ".join(f"{b} {p}" for b, p in cfg.exports))
     exports = export_all({"dense": dense_dir, "folded": folded_dir}, cfg.exports, out / "exports", cfg.max_context)
-    timings["export_s"] = time.monotonic() - t
+    _took(timings, "export_s", t, earlier if all(e.get("kept") for rows in exports.values() for e in rows) else {}, kept)
 
     bench_result = None
     if cfg.bench:
@@ -157,12 +159,13 @@ def run(cfg: RunConfig) -> dict:
         timings["bench_s"] = time.monotonic() - t
         report = out / "bench" / "report.md"
         extra = [quality_section(quality)] if quality else []
-        extra.append(timing_section(timings, _compress_timings(folded_dir)))
+        extra.append(timing_section(timings, _compress_timings(folded_dir), tuple(kept)))
         write_atomic(report, report.read_text() + "\n" + "\n".join(extra))
 
     summary = {"config": asdict(cfg), "timings_s": {k: round(v, 1) for k, v in timings.items()}, "quality": quality,
                "exports": exports,
                "report": str(out / "bench" / "report.md") if bench_result else None}
+    summary["timings_from_earlier_run"] = sorted(kept)
     write_atomic(out / "run.json", json.dumps(summary, indent=1, default=str))
     print(f"\nfoldgpt run: done in {sum(timings.values()) / 60:.1f} min; summary in {out / 'run.json'}"
           + (f", report in {summary['report']}" if summary["report"] else ""))
@@ -215,17 +218,35 @@ def _compress_timings(folded_dir: Path) -> dict[str, float]:
     return ((read_fold_section(folded_dir) or {}).get("provenance") or {}).get("timings", {})
 
 
-def timing_section(timings: dict[str, float], compress_timings: dict[str, float]) -> str:
+def _earlier_timings(out: Path) -> dict[str, float]:
+    """The stage timings of the run that made OUT's artifacts (its run.json), for a rerun to keep."""
+    try:
+        return {k: float(v) for k, v in json.loads((out / "run.json").read_text())["timings_s"].items()}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _took(timings: dict[str, float], key: str, t0: float, earlier: dict[str, float], kept: set[str]) -> None:
+    """A stage's wall time: this run's, or, for a stage it skipped, the earlier run's (noted in `kept`)."""
+    if key in earlier:
+        timings[key] = earlier[key]
+        kept.add(key)
+    else:
+        timings[key] = time.monotonic() - t0
+
+
+def timing_section(timings: dict[str, float], compress_timings: dict[str, float], earlier: tuple[str, ...] = ()) -> str:
     """The report's per-stage wall time, the compress stage split into its own stages: where
     the run's minutes went, and how many of them trained the model. A stage a rerun skipped
-    shows the rerun's time (reading its artifact); the compress split is the run that made the fold."""
+    shows the time it took in the run that made its artifact (marked), so the table is the
+    whole job's; the compress split is the run that made the fold."""
     names = {"data_s": "self text (calibration + healing)", "fold_s": "selection, removal, repair, sharing",
              "local_s": "local healing", "heal_s": "end-to-end healing"}
     lines = ["## Where the time went", "", "| stage | minutes |", "|---|---|"]
     for key, label in (("dense_s", "dense"), ("compress_s", "compress"), ("quality_s", "quality"),
                        ("export_s", "exports"), ("bench_s", "bench")):
         if key in timings:
-            lines.append(f"| {label} | {timings[key] / 60:.1f} |")
+            lines.append(f"| {label}{' (earlier run)' if key in earlier else ''} | {timings[key] / 60:.1f} |")
         if key == "compress_s":
             lines += [f"| - {part} | {compress_timings[k] / 60:.1f} |" for k, part in names.items() if k in compress_timings]
     lines.append(f"| **total** | **{sum(timings.values()) / 60:.1f}** |")
@@ -262,7 +283,7 @@ def export_all(models: dict[str, Path], exports: tuple[tuple[str, str], ...], ro
             row = {"backend": backend, "precision": precision, "path": str(path)}
             report_file = folder / "export_report.json"
             if path.exists():
-                row["status"] = "ok"
+                row.update(status="ok", kept=True)
                 rows.append(row)
                 continue
             print(f"-- export {name} {backend} {precision}", flush=True)

@@ -74,7 +74,11 @@ def test_run_makes_every_stage_and_resumes(tmp_path, source, monkeypatch):
 
     monkeypatch.setitem(registry._BACKENDS.entries, "onnx",
                         replace(onnx.BACKEND, export=lambda *a, **k: pytest.fail("finished export was redone")))
+    first = json.loads((run / "run.json").read_text())["timings_s"]
     pipeline.run(config(tmp_path, source))
+    rerun = json.loads((run / "run.json").read_text())  # the stages it skipped keep the minutes they took
+    assert rerun["timings_from_earlier_run"] == ["compress_s", "export_s"]
+    assert {k: rerun["timings_s"][k] for k in ("compress_s", "export_s")} == {k: first[k] for k in ("compress_s", "export_s")}
 
 
 def test_failed_export_is_recorded_and_the_run_goes_on(tmp_path, source, monkeypatch):
@@ -163,3 +167,5 @@ def test_timing_section_splits_compress_into_its_stages():
     assert lines.index("| compress | 10.0 |") < lines.index("| - end-to-end healing | 4.0 |") < lines.index("| exports | 5.0 |")
     assert "| - local healing | 1.0 |" in lines and "| **total** | **15.5** |" in lines
     assert "bench" not in text  # a stage that did not run is not listed
+    rerun = timing_section({"dense_s": 30, "compress_s": 600, "bench_s": 300}, {}, earlier=("compress_s",))
+    assert "| compress (earlier run) | 10.0 |" in rerun.splitlines() and "| bench | 5.0 |" in rerun.splitlines()
