@@ -30,6 +30,7 @@ import json
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -111,7 +112,12 @@ def run_isolated(target: str, kwargs: dict, iso: Isolation, preload: tuple[str, 
             break
     if record is None:  # killed, or crashed below Python (e.g. an uncaught std::bad_alloc aborts)
         tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        if iso.budget_mb is not None and (done.returncode < 0 or _is_oom(done.stderr)):
+        if done.returncode < 0:  # a signal: SIGKILL is the OOM killer's; SIGILL or SIGSEGV is a crash, not memory
+            name = signal.Signals(-done.returncode).name
+            if iso.budget_mb is None or not (name == "SIGKILL" or _is_oom(done.stderr)):
+                return {"status": "error", "message": f"{target}: killed by {name}", "seconds": seconds}
+            record = {"status": "does_not_fit", "vm_growth_mb": None, "detail": tail}
+        elif iso.budget_mb is not None and _is_oom(done.stderr):
             record = {"status": "does_not_fit", "vm_growth_mb": None, "detail": tail}
         else:
             return {"status": "error", "message": f"{target}: {tail}", "seconds": seconds}

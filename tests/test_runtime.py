@@ -88,6 +88,21 @@ def test_low_memory_cap_is_reported_as_does_not_fit():
     assert ok["status"] == "ok"
 
 
+def die_by(name: str) -> None:
+    """A child that a signal kills below Python (run_isolated's target in the test below)."""
+    import signal
+
+    signal.raise_signal(getattr(signal, name))
+
+
+def test_a_crash_under_a_memory_cap_is_an_error_not_does_not_fit():
+    """SIGILL (llama.cpp's AMX kernels on a guest without AMX state) is a crash; SIGKILL may be the OOM killer."""
+    iso = Isolation(cores=check_cores(1), budget_mb=256)
+    crash = run_isolated("tests.test_runtime:die_by", {"name": "SIGILL"}, iso, preload=("tests.test_runtime",))
+    assert crash["status"] == "error" and crash["message"] == "tests.test_runtime:die_by: killed by SIGILL", crash
+    assert run_isolated("tests.test_runtime:die_by", {"name": "SIGKILL"}, iso, preload=("tests.test_runtime",))["status"] == "does_not_fit"
+
+
 def test_stream_triad_measures_a_bandwidth():
     r = stream_triad(array_mb=8, threads=1, repeats=2)
     assert r["triad_gbs"] > 0.1 and "measured" in r["label"]
