@@ -76,6 +76,42 @@ def executorch_profile(pte: Path, tokens: int, threads: int) -> dict:
             "sdpa_ms_per_chunk": [round(sum(c), 1) for c in np.array_split(np.array(sdpa_calls), calls)] if sdpa_calls else None}
 
 
+def attention_kernels(tokens: int, chunk: int, heads: int, kv_heads: int, head_dim: int, context: int,
+                      threads: int) -> list[dict]:
+    """ExecuTorch's attention kernel (llama::custom_sdpa, eager, the same C++ as in the program)
+    against torch's fused SDPA on the same shapes: each prefill chunk's queries over the keys
+    so far, median ms of 10 calls. Says whether the kernel or the graph around it is slow."""
+    import torch
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers llama::custom_sdpa
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache = (torch.randn(1, context, kv_heads, head_dim, generator=gen) for _ in range(2))
+    rows = []
+    for start in range(0, tokens, chunk):
+        q = torch.randn(1, chunk, heads, head_dim, generator=gen)
+        keys = start + chunk
+        qt = q.transpose(1, 2)
+        kt, vt = (c[:, :keys].transpose(1, 2).repeat_interleave(heads // kv_heads, 1) for c in (k_cache, v_cache))
+        mask = torch.ones(chunk, keys, dtype=torch.bool).tril(start)
+        et = _median_ms(lambda: torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True, None))
+        th = _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask))
+        gflop = 4 * chunk * keys * heads * head_dim / 1e9  # QK^T and PV over the keys so far
+        rows.append({"start": start, "keys": keys, "custom_sdpa_ms": round(et, 2), "torch_sdpa_ms": round(th, 2),
+                     "custom_sdpa_gflops": round(gflop / et * 1e3, 1), "torch_sdpa_gflops": round(gflop / th * 1e3, 1)})
+    return rows
+
+
+def _median_ms(call, n: int = 10) -> float:
+    call()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
 def onnx_profile(folder: Path, tokens: int, threads: int) -> dict:
     """Per-op-type milliseconds of one timed prefill through ONNX Runtime's profiler."""
     import onnxruntime as ort
@@ -131,6 +167,8 @@ def main() -> None:
     ap.add_argument("--pte", type=Path, default=None, help="an ExecuTorch program (.pte)")
     ap.add_argument("--onnx", type=Path, default=None, help="an ONNX export's folder")
     ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--attention", default="9,3,64,1152",
+                    help="HEADS,KV_HEADS,HEAD_DIM,CONTEXT of the attention kernels timed beside the .pte (default model's)")
     args = ap.parse_args()
     if not args.pte and not args.onnx:
         raise SystemExit("give --pte and/or --onnx")
@@ -138,6 +176,9 @@ def main() -> None:
     result = {"tokens": args.tokens, "threads": threads}
     if args.pte:
         result["executorch"] = {"artifact": str(args.pte), **executorch_profile(args.pte, args.tokens, threads)}
+        heads, kv_heads, head_dim, context = (int(x) for x in args.attention.split(","))
+        result["attention_kernels"] = attention_kernels(args.tokens, result["executorch"]["chunk"], heads, kv_heads,
+                                                        head_dim, context, threads)
     if args.onnx:
         result["onnx"] = {"artifact": str(args.onnx), **onnx_profile(args.onnx, args.tokens, threads)}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -158,6 +199,13 @@ def main() -> None:
                          f"{', '.join(str(x) for x in r['sdpa_ms_per_chunk'])} ms." if r.get("sdpa_ms_per_chunk") else ""), ""]
         lines += ["| operator | ms | share |", "|---|---|---|"]
         lines += [f"| {e['op']} | {e['ms']} | {e['share']:.1%} |" for e in r["events_ms"][:15]]
+        lines.append("")
+    if "attention_kernels" in result:
+        lines += ["## Attention kernel alone: ExecuTorch's custom_sdpa against torch's fused SDPA", "",
+                  "Each prefill chunk's queries over the keys so far (`--attention`), median of 10 calls.", "",
+                  "| chunk start | keys | custom_sdpa ms (GFLOP/s) | torch SDPA ms (GFLOP/s) |", "|---|---|---|---|"]
+        lines += [f"| {a['start']} | {a['keys']} | {a['custom_sdpa_ms']} ({a['custom_sdpa_gflops']}) | "
+                  f"{a['torch_sdpa_ms']} ({a['torch_sdpa_gflops']}) |" for a in result["attention_kernels"]]
         lines.append("")
     (RESULTS / "prefill_profile.md").write_text("\n".join(lines))
     print("\n".join(lines))
