@@ -206,20 +206,20 @@ def budget_of(work: Path) -> float | None:
 
 
 @functools.cache
-def committed() -> tuple[dict, dict, dict | None]:
+def committed() -> tuple[dict, dict, dict | None, dict]:
     """The committed rows by label, their per-item records ({label: {task: '0110...'}}, with the
-    tasks' item ids under 'ids') and decode series, as they were before this run rewrote them,
-    so a fresh machine reruns only what is new."""
+    tasks' item ids under 'ids'), decode series and standing lines, as they were before this
+    run rewrote them, so a fresh machine reruns only what is new."""
     res, items = RESULTS / "quality.json", RESULTS / "quality_items.json"
     results = json.loads(res.read_text()) if res.is_file() else {"rows": []}
     return ({row_label(r): r for r in results["rows"]}, json.loads(items.read_text()) if items.is_file() else {},
-            results.get("decode"))
+            results.get("decode"), results.get("standing", {}))
 
 
 def committed_row(label: str, args) -> dict | None:
     """The committed row `label` in the results' shape (its `_eval` rebuilt from the committed
     items, None where none were kept), or None; a committed row ran with the default budget."""
-    rows, items, _ = committed()
+    rows, items, _, _ = committed()
     if label not in rows or args.heal_minutes != 20.0:
         return None
     tasks = items.get("rows", {}).get(label)
@@ -372,8 +372,9 @@ def write_report(dense: dict, rows: list[dict], command: str, decode: dict | Non
                  **{t: round(m["acc_norm"], 4) for t, m in dense["tasks"].items()},
                  "unique_params": round(rows[0]["unique_params"] / (1 - rows[0]["unique_reduction"]))}
     saved = [{k: v for k, v in r.items() if not k.startswith("_") and k != "reused"} for r in rows]
+    stand, compared = standing(rows, committed()[3])
     (RESULTS / "quality.json").write_text(json.dumps({"command": command, "dense": dense_row, "rows": saved,
-                                                      "decode": decode}, indent=1))
+                                                      "decode": decode, "standing": compared}, indent=1))
     kept = [r for r in rows if r["_eval"]]
     ids = {t: m["ids"] for r in kept for t, m in r["_eval"]["tasks"].items()}
     (RESULTS / "quality_items.json").write_text(json.dumps({"ids": ids, "rows": {
@@ -421,7 +422,7 @@ def write_report(dense: dict, rows: list[dict], command: str, decode: dict | Non
     for error in sorted({m["export_error"] for m in models.values() if "export_error" in m}):
         names = [name for name, m in models.items() if m.get("export_error") == error]
         lines += ["", f"Not exported ({', '.join(names)}): {error}"]
-    lines += standing(rows)
+    lines += stand
     lines += ["", "Rows and their work dirs (a finished dir is reused on a rerun):", ""]
     lines += [f"- {r['point']} {r['method']} {r['variant']}: removed {r['removed_blocks']}, schedule {r['schedule']}, "
               f"`{r['dir']}`" + (f", trained on {r['cpu']}, healing text {r['heal_text_sha']}" if r.get("cpu")
@@ -432,11 +433,14 @@ def write_report(dense: dict, rows: list[dict], command: str, decode: dict | Non
     plot(dense_row, rows, tasks)
 
 
-def standing(rows: list[dict]) -> list[str]:
+def standing(rows: list[dict], kept: dict[str, dict] | None = None) -> tuple[list[str], dict[str, dict]]:
     """At each size: FoldGPT's row with the lowest WikiText perplexity against every peer row,
-    accuracy differences paired over the same items (+- one SE; 'clear' beyond two)."""
+    accuracy differences paired over the same items (+- one SE; 'clear' beyond two). A size
+    whose rows lack their per-item records keeps the line `kept` (the committed one) when it
+    compared the same rows. Returns the lines and, per size, what each line compared."""
     lines = ["", "Where FoldGPT stands (at each size its row with the lowest WikiText perplexity against every peer",
              "row; accuracy differences paired over the same items, +- one SE, 'clear' beyond two):", ""]
+    compared: dict[str, dict] = {}
     for point in POINTS:
         mine = [r for r in rows if r["point"] == point and r["method"] == "foldgpt"]
         others = [r for r in rows if r["point"] == point and r["method"] != "foldgpt"]
@@ -449,16 +453,23 @@ def standing(rows: list[dict]) -> list[str]:
             continue
         lower = [f"{r['method']} {r['wikitext2_ppl']:.1f}" for r in others if r["wikitext2_ppl"] < best["wikitext2_ppl"]]
         parts = [head + ", " + (f"beaten by {', '.join(lower)}" if lower else "no peer lower")]
+        key = {"best": row_label(best), "peers": sorted(row_label(r) for r in others)}
         if not best["_eval"] or not all(r["_eval"] for r in others):
-            lines.append(f"- {point}: " + parts[0] + "; accuracy not paired: a row here predates the committed "
-                         "per-item records (quality_items.json), rerun it to pair")
+            old = (kept or {}).get(point, {})
+            if {k: old.get(k) for k in key} == key:
+                compared[point] = old
+                lines.append(old["line"])
+            else:
+                lines.append(f"- {point}: " + parts[0] + "; accuracy not paired: a row here predates the committed "
+                             "per-item records (quality_items.json), rerun it to pair")
             continue
         for task, m in best["_eval"]["tasks"].items():
             diffs = [(r["method"], *paired_difference(r["_eval"]["tasks"][task], m)) for r in others]
             ahead = [f"{n} +{d * 100:.1f} +- {se * 100:.1f} pts{' (clear)' if d > 2 * se else ''}" for n, d, se in diffs if d > 0]
             parts.append(f"{task} {m['acc_norm']:.3f}, " + (f"beaten by {', '.join(ahead)}" if ahead else "no peer higher"))
         lines.append(f"- {point}: " + "; ".join(parts))
-    return lines
+        compared[point] = {**key, "line": lines[-1]}
+    return lines, compared
 
 
 def plot(dense: dict, rows: list[dict], tasks: list[str]) -> None:
