@@ -111,8 +111,9 @@ def run(cfg: RunConfig) -> dict:
     earlier, kept = _earlier_timings(out), set()  # a stage this run skips keeps the minutes it took when it ran
 
     t = _stage("1/4 dense", f"load {cfg.model}")
+    skipped = (out / "dense" / WEIGHTS_NAME).is_file()
     dense_dir = save_dense(cfg.model, out / "dense", cfg.dtype)
-    timings["dense_s"] = time.monotonic() - t
+    _took(timings, "dense_s", t, earlier if skipped else {}, kept)
 
     t = _stage("2/4 compress", f"removal {cfg.fold.removal_rate:.3g}, unique blocks {cfg.fold.num_unique_blocks}, "
                                f"{cfg.heal.max_minutes} min of healing")
@@ -132,8 +133,9 @@ def run(cfg: RunConfig) -> dict:
     quality = None
     if cfg.quality_tokens:
         t = _stage("2/4 quality", f"perplexity on {cfg.quality_tokens} tokens of held-out self text, dense beside folded")
+        skipped = (out / "quality.json").is_file()
         quality = measure_quality(dense_dir, folded_dir, cfg.quality_tokens, out / "quality.json")
-        timings["quality_s"] = time.monotonic() - t
+        _took(timings, "quality_s", t, earlier if skipped else {}, kept)
 
     t = _stage("3/4 export", ", ".join(f"{b} {p}" for b, p in cfg.exports))
     exports = export_all({"dense": dense_dir, "folded": folded_dir}, cfg.exports, out / "exports", cfg.max_context)
