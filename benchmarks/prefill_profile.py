@@ -8,8 +8,8 @@ ExecuTorch: the program loads with ETDump on (the pip runtime's event tracer), p
 events: each XNNPACK delegate call, each custom op (`llama::custom_sdpa`,
 `llama::update_cache`) and each portable kernel, summed over the timed prefill.
 ONNX Runtime: one session with its profiler on, the same prefill, nodes summed by op type.
-Both on the pinned cores with all their threads; one warm-up prefill first, whose events
-are not counted. Writes benchmarks/results/prefill_profile.{json,md}.
+Each runtime gets one thread per core this process may run on; one warm-up prefill first,
+whose events are not counted. Writes benchmarks/results/prefill_profile.{json,md}.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -78,7 +80,7 @@ def executorch_profile(pte: Path, tokens: int, threads: int) -> dict:
 
 def attention_kernels(tokens: int, chunk: int, heads: int, kv_heads: int, head_dim: int, context: int,
                       threads: int) -> list[dict]:
-    """ExecuTorch's attention kernel (llama::custom_sdpa, eager, the same C++ as in the program)
+    """ExecuTorch's attention kernel (llama::custom_sdpa, eager: the kernel source the program runs)
     against torch's fused SDPA on the same shapes: each prefill chunk's queries over the keys
     so far, median ms of 10 calls. Says whether the kernel or the graph around it is slow."""
     import torch
@@ -184,7 +186,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "prefill_profile.json").write_text(json.dumps(result, indent=1))
     lines = ["# Prefill per operator", "",
-             f"`python benchmarks/prefill_profile.py ...` ({args.tokens}-token prompt, {threads} threads, the second of two "
+             f"`python benchmarks/prefill_profile.py {shlex.join(sys.argv[1:])}` ({args.tokens}-token prompt, {threads} threads, the second of two "
              "prefills; ExecuTorch events from ETDump via the devtools Inspector, ONNX Runtime nodes from its profiler).", ""]
     for rt in ("executorch", "onnx"):
         if rt not in result:
