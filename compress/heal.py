@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from compress.adapter import get_adapter
 from compress.blocks import schedule_of, share_blocks
 from compress.outputs import Kind, replace_path
-from compress.parallel import Parallel, check_wrap, full_state, gather, load_full_state, shard_folded, skeleton, wrap_policy
+from compress.parallel import Parallel, any_process, check_wrap, full_state, gather, load_full_state, shard_folded, skeleton, wrap_policy
 from compress.qat import add_fake_quant, remove_fake_quant
 from compress.registry import enum_choice
 
@@ -186,7 +186,7 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
                disable=not accelerator.is_local_main_process)
     start = time.monotonic() - state.seconds
     try:
-        while not _done_everywhere(cfg, state, accelerator):
+        while not _done_everywhere(cfg, state):
             idx = _batch(len(data), state.step, cfg, accelerator)
             batch = data[idx].to(accelerator.device)
             for g in optimizer.param_groups:
@@ -207,7 +207,7 @@ def heal(model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, cfg: H
             bar.total = _estimate_total(cfg, state, tokens_per_step)
             bar.set_postfix(loss=f"{terms['loss'].item():.3f}", ce=f"{terms['ce'].item():.3f}")
             bar.update(1)
-            if state.step % cfg.checkpoint_every == 0 or _done_everywhere(cfg, state, accelerator):
+            if state.step % cfg.checkpoint_every == 0 or _done_everywhere(cfg, state):
                 _save_checkpoint(accelerator, model, optimizer, ckpt, state)
     finally:
         bar.close()
@@ -352,13 +352,9 @@ def _save_checkpoint(accelerator, model, optimizer, ckpt: Path, state: HealState
     accelerator.wait_for_everyone()
 
 
-def _done_everywhere(cfg: HealConfig, state: HealState, accelerator) -> bool:
+def _done_everywhere(cfg: HealConfig, state: HealState) -> bool:
     """A minutes budget can end on one process a step before another: stop when any has."""
-    done = _done(cfg, state)
-    if accelerator.num_processes == 1:
-        return done
-    flag = torch.tensor([float(done)], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    return any_process(_done(cfg, state))
 
 
 def _param_groups(model: nn.Module, cfg: HealConfig, lora: list[nn.Module]) -> list[dict]:

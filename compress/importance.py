@@ -47,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.adapter import get_adapter
+from compress.parallel import average_gradients, own_rows, world
 
 
 class BudgetUnit(str, Enum):
@@ -166,7 +167,9 @@ def _fit_budget(order: list[int], weights: torch.Tensor, removal: float) -> list
 def learn_gates(model: nn.Module, data: torch.Tensor, cfg: GateConfig) -> GateResult:
     """Train one gate per block on `data` (LongTensor [n, seq]) and pick the blocks to close.
 
-    The model's weights are not changed. Raises ValueError if `num_remove` would leave no block.
+    The model's weights are not changed. Under several processes each trains on its rows of every
+    batch, and the gradients are averaged: the gates one process would learn, sooner. Raises
+    ValueError if `num_remove` would leave no block, or the batch does not split over the processes.
     """
     n_blocks = len(get_adapter(model).get_layers(model))
     if cfg.num_remove >= n_blocks:
@@ -186,19 +189,22 @@ def learn_gates(model: nn.Module, data: torch.Tensor, cfg: GateConfig) -> GateRe
     target = float(weights.sum() - weights.sort().values[: cfg.num_remove].sum())
     _project_to_budget(gates.logits, weights, target, 1.0)
     gen = torch.Generator().manual_seed(cfg.seed)
+    rows = own_rows(min(cfg.batch_size, len(data)), "gate learning")  # all of it in one process
     result = GateResult(gates=[], closed=[], separated=False)
     was_training = model.training
     model.eval()
     try:
-        for step in tqdm(range(cfg.steps), desc="learning block gates"):
+        for step in tqdm(range(cfg.steps), desc="learning block gates", disable=world()[0] != 0):
             t0, t1 = cfg.temperature
             gates.temperature = t0 * (t1 / t0) ** (step / max(1, cfg.steps - 1))
+            # every process draws the same global batch and samples, and takes its rows of them
             batch = data[torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=gen)][:, : cfg.seq_len]
+            u = torch.rand(len(batch), n_blocks, generator=gen).clamp(1e-6, 1 - 1e-6)
+            batch, u = batch[rows], u[rows]
             gates.enabled = False
             with torch.no_grad():
                 dense = model(batch, output_hidden_states=cfg.hidden_mse > 0)
             gates.enabled = True
-            u = torch.rand(len(batch), n_blocks, generator=gen).clamp(1e-6, 1 - 1e-6)
             gates.noise = torch.log(u) - torch.log1p(-u)  # logistic: sigmoid(s + noise) > 0.5 w.p. sigmoid(s)
             gated = model(batch, output_hidden_states=cfg.hidden_mse > 0)
             kl = F.kl_div(
@@ -217,6 +223,7 @@ def learn_gates(model: nn.Module, data: torch.Tensor, cfg: GateConfig) -> GateRe
                 terms["hidden_mse"] = mse.item()
             gates.logits.grad = None
             loss.backward()
+            average_gradients([gates.logits])  # the whole batch's gradient on every process
             with torch.no_grad():  # normalised gradient step: see the module docstring
                 grad = gates.logits.grad
                 gates.logits.sub_(cfg.lr * grad / grad.abs().max().clamp_min(1e-12))

@@ -15,6 +15,8 @@ steps. Most of what a fold breaks is local, and local training costs one block a
 
 Inputs and targets are captured once for `pool` healing windows; AdamW on MSE (or 1 -
 cosine); the minutes are split over the units by how many blocks a step of each runs.
+Under several processes every process captures the pool, draws the same batches and trains
+on its rows of each, gradients averaged (compress.parallel): one process's result, sooner.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 from compress.adapter import get_adapter
 from compress.blocks import fold_info, schedule_of
 from compress.capture import block_io
+from compress.parallel import any_process, average_gradients, own_rows, world
 from compress.repair import find_cuts
 from compress.registry import enum_choice
 
@@ -93,7 +96,8 @@ def has_units(model: nn.Module, cfg: LocalHealConfig) -> bool:
 def local_heal(model: nn.Module, dense: nn.Module, data: torch.Tensor, cfg: LocalHealConfig) -> tuple[nn.Module, LocalHealReport]:
     """Train the block before each cut of `model` (edited in place), and each shared group,
     towards `dense`, the model it was folded from, on windows of `data` (LongTensor [n, seq]).
-    Raises ValueError when nothing was removed or shared, or given fewer than 2 windows."""
+    Raises ValueError when nothing was removed or shared, given fewer than 2 windows, or a batch
+    that does not split over the processes."""
     schedule = schedule_of(model)
     shared = {b for b in schedule if schedule.count(b) > 1}
     all_cuts = find_cuts(model)
@@ -129,7 +133,8 @@ def local_heal(model: nn.Module, dense: nn.Module, data: torch.Tensor, cfg: Loca
         """The unit's share of the time left (capture included), by the blocks its step runs."""
         return None if deadline is None else max(0.0, (deadline - since) * cost / remaining - (time.monotonic() - since))
 
-    for depths in tqdm(groups, desc="local healing of shared groups"):
+    quiet = world()[0] != 0
+    for depths in tqdm(groups, desc="local healing of shared groups", disable=quiet):
         t0 = time.monotonic()
         x, y = [dense_in[src[d]] for d in depths], [dense_out[targets[d]] for d in depths]
         steps, before, after = _train([layers[d] for d in depths], x, y, dense_kw, cfg, allowance(len(depths), t0), gen, norms)
@@ -137,7 +142,7 @@ def local_heal(model: nn.Module, dense: nn.Module, data: torch.Tensor, cfg: Loca
         report.groups.append({"depths": depths, "source_depths": [src[d] for d in depths], "steps": steps,
                               "seconds": round(time.monotonic() - t0, 1), "loss": cfg.loss.value,
                               "eval_before": round(before, 6), "eval_after": round(after, 6)})
-    for c in tqdm(cuts, desc="local healing at the cuts"):  # after the groups: a cut's input is the model's own, as healed
+    for c in tqdm(cuts, desc="local healing at the cuts", disable=quiet):  # after the groups: a cut's input is the model's own, as healed
         t0 = time.monotonic()
         x, _, kw = _capture(model, pool, [c.depth], [], cfg.batch_size)
         steps, before, after = _train([layers[c.depth]], [x[c.depth]], [dense_out[c.target]], kw, cfg, allowance(1, t0), gen, norms)
@@ -180,6 +185,7 @@ def _train(blocks: list[nn.Module], xs: list[torch.Tensor], ys: list[torch.Tenso
     opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in norms], "lr": cfg.lr},
                              {"params": [p for p in params if id(p) in norms], "lr": cfg.norm_lr}], weight_decay=0.0)
     n_train = len(xs[0]) - min(cfg.eval_windows, max(1, len(xs[0]) // 4))  # a small pool keeps most for training
+    rows = own_rows(min(cfg.batch_size, n_train), "local healing")
 
     def loss_on(idx) -> torch.Tensor:
         return sum(_loss(_run(b, x[idx], _expand(kw, len(x[idx]))), y[idx], cfg.loss)
@@ -192,10 +198,12 @@ def _train(blocks: list[nn.Module], xs: list[torch.Tensor], ys: list[torch.Tenso
     t0, step = time.monotonic(), 0
     before = evaluate()
     try:
-        while (cfg.max_steps is None or step < cfg.max_steps) and (seconds is None or time.monotonic() - t0 < seconds):
-            loss = loss_on(torch.randint(n_train, (min(cfg.batch_size, n_train),), generator=gen))
+        while (cfg.max_steps is None or step < cfg.max_steps) and not any_process(
+                seconds is not None and time.monotonic() - t0 >= seconds):
+            loss = loss_on(torch.randint(n_train, (min(cfg.batch_size, n_train),), generator=gen)[rows])
             opt.zero_grad()
             loss.backward()
+            average_gradients(params)
             opt.step()
             step += 1
     finally:

@@ -9,6 +9,11 @@ the usual policy (one unit per decoder layer) would put one shared Parameter int
 `ACCELERATE_USE_FSDP` is ignored for a gloo process group), so healing calls torch's
 `fully_shard` itself, on any device.
 
+The fold's own training (block gates, block-local healing) runs under the same launch without
+a wrapper: every process draws the same global batch, trains on its rows (`own_rows`), and
+gradients are averaged (`average_gradients`), so the fold does not depend on how many
+processes made it.
+
 Checkpoints are full state dicts keyed by parameter name (torch.distributed.checkpoint's
 state_dict API, which knows shared parameters): gathered from every rank, written once by
 the main process, and loadable under any process count and either parallelism.
@@ -110,6 +115,57 @@ def gather(model: nn.Module, shell: nn.Module) -> nn.Module:
         for name, buf in model.named_buffers():
             shell.get_buffer(name).copy_(buf)
     return shell
+
+
+def world() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) outside a distributed launch."""
+    if not _distributed():
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def own_rows(batch: int, what: str) -> slice:
+    """This process's rows of a global batch of `batch`; ValueError (one line) unless the
+    processes split it evenly, which keeps their averaged gradient that of the whole batch."""
+    rank, size = world()
+    if batch % size:
+        raise ValueError(f"{what}'s batch of {batch} does not split evenly over {size} processes: "
+                         f"use a batch that is a multiple of {size}")
+    per = batch // size
+    return slice(rank * per, (rank + 1) * per)
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """All-reduce the mean of every gradient across processes, in one flat buffer; a no-op in a
+    single process."""
+    if not _distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).to(_comm_device(), torch.float32) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any (a time budget ends everywhere at the same step)."""
+    if not _distributed():
+        return flag
+    t = torch.tensor([float(flag)], device=_comm_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _comm_device() -> torch.device:
+    """Where collectives take their tensors: NCCL only the current GPU's, gloo the host's."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _distributed() -> bool:

@@ -18,8 +18,10 @@ Each stage records its settings in work/<stage>.json and writes its artifact
 atomically; with --resume a finished stage is skipped and healing continues from its
 last checkpoint. A work dir made with different settings is refused rather than mixed.
 
-Under `accelerate launch --num_processes N` (or torchrun) the main process runs stages 1-3
-while the others wait, then they read its artifacts as a resumed run would; all run healing
+Under `accelerate launch --num_processes N` (or torchrun) the main process makes the text
+while the others wait; all run the fold and local healing together, their training (block
+gates, local healing) splitting each batch across processes (compress.parallel), and the main
+process writes what they made, which all then read as a resumed run would; all run healing
 data-parallel (compress.heal: DDP, or FSDP with `parallel="fsdp"`); the main process alone
 evaluates and writes OUT.
 """
@@ -139,6 +141,16 @@ def _claim_stage(work: Path, stage: str, settings: dict) -> bool:
     return False
 
 
+def _claim_together(procs, work: Path, stage: str, settings: dict) -> bool:
+    """`_claim_stage` on the main process, and its answer on every process: they run the stage together."""
+    done = [_claim_stage(work, stage, settings) if procs.is_main_process else None]
+    if procs.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(done)
+    return done[0]
+
+
 def _finish_stage(work: Path, stage: str) -> None:
     file = work / f"{stage}.json"
     _write_json(file, {**json.loads(file.read_text()), "done": True})
@@ -183,8 +195,7 @@ def processes():
 
 
 def _run_stages(cfg: CompressConfig, work: Path, method_cfg, procs) -> Path:
-    with procs.main_process_first():  # stages 1-3: the main process runs them, the others then find them done
-        dense, tokenizer, student, report, local_report, fold_settings, timings = _prepare(cfg, work, method_cfg)
+    dense, tokenizer, student, report, local_report, fold_settings, timings = _prepare(cfg, work, method_cfg, procs)
 
     # 4. heal (resumes from its own checkpoint; a finished one is restored from it)
     heal_state = None
@@ -206,20 +217,21 @@ def _run_stages(cfg: CompressConfig, work: Path, method_cfg, procs) -> Path:
     return out
 
 
-def _prepare(cfg: CompressConfig, work: Path, method_cfg):
+def _prepare(cfg: CompressConfig, work: Path, method_cfg, procs):
     """Stages 1-3: the dense model, the text, the fold and its local healing."""
     dense, tokenizer = load_model(cfg.model, cfg.dtype)
     if cfg.peer is None:
         cfg.fold.check_model(dense)  # what needs the layer shapes (delta ranks), before the text is made
     timings: dict[str, float] = {}
 
-    # 1. data
+    # 1. data (the main process makes it, the others then find it made)
     t = time.monotonic()
     data_settings = {"model": cfg.model, "calib": asdict(cfg.calib), "heal": asdict(cfg.heal_data)}
-    if not _claim_stage(work, "data", data_settings):
-        _save_tensor(build_sequences(cfg.calib, dense, tokenizer), work / "calib.pt")
-        _save_tensor(build_sequences(cfg.heal_data, dense, tokenizer), work / "heal.pt")
-        _finish_stage(work, "data")
+    with procs.main_process_first():
+        if not _claim_stage(work, "data", data_settings):
+            _save_tensor(build_sequences(cfg.calib, dense, tokenizer), work / "calib.pt")
+            _save_tensor(build_sequences(cfg.heal_data, dense, tokenizer), work / "heal.pt")
+            _finish_stage(work, "data")
     calib, heal_seqs = torch.load(work / "calib.pt"), torch.load(work / "heal.pt")
     timings["data_s"] = time.monotonic() - t
 
@@ -229,12 +241,14 @@ def _prepare(cfg: CompressConfig, work: Path, method_cfg):
                      "peer": asdict(method_cfg) if cfg.peer is not None else None}
     if cfg.peer is None and cfg.fold.gate is None:  # the gates' defaults choose the blocks: record them in the key
         fold_settings["fold"]["gate"] = asdict(GateConfig())
-    if not _claim_stage(work, "fold", fold_settings):
+    if not _claim_together(procs, work, "fold", fold_settings):  # every process folds: the gates split batches
         student, report = run_method(cfg.method, copy.deepcopy(dense), calib, method_cfg)
-        save_folded(student, work / "folded", tokenizer, provenance={"source": cfg.model, "method": cfg.method})
-        _write_json(work / "fold_report.json", report)
-        _finish_stage(work, "fold")
-    student, _ = load_folded(work / "folded")
+        if procs.is_main_process:
+            save_folded(student, work / "folded", tokenizer, provenance={"source": cfg.model, "method": cfg.method})
+            _write_json(work / "fold_report.json", report)
+            _finish_stage(work, "fold")
+    procs.wait_for_everyone()
+    student, _ = load_folded(work / "folded")  # the main process's fold, on every process
     report = json.loads((work / "fold_report.json").read_text())
     timings["fold_s"] = time.monotonic() - t
 
@@ -248,11 +262,13 @@ def _prepare(cfg: CompressConfig, work: Path, method_cfg):
     elif cfg.local is not None:
         t = time.monotonic()
         fold_settings = {**fold_settings, "local": asdict(cfg.local)}
-        if not _claim_stage(work, "local", fold_settings):
+        if not _claim_together(procs, work, "local", fold_settings):
             student, rep = local_heal(student, dense, heal_seqs, cfg.local)
-            save_folded(student, work / "local", tokenizer)
-            _write_json(work / "local_report.json", asdict(rep))
-            _finish_stage(work, "local")
+            if procs.is_main_process:
+                save_folded(student, work / "local", tokenizer)
+                _write_json(work / "local_report.json", asdict(rep))
+                _finish_stage(work, "local")
+        procs.wait_for_everyone()
         student, _ = load_folded(work / "local")
         local_report = json.loads((work / "local_report.json").read_text())
         timings["local_s"] = time.monotonic() - t

@@ -35,6 +35,7 @@ from compress.adapter import get_adapter
 from compress.blocks import count_parameters, remove_blocks
 from compress.capture import batches, block_io, token_cosine
 from compress.methods import param_summary, register_method
+from compress.parallel import any_process, average_gradients, own_rows, world
 from compress.registry import enum_choice
 
 
@@ -111,21 +112,23 @@ def span_mse(model: nn.Module, block: nn.Module | None, data: list[torch.Tensor]
 
 def train_replacement(model: nn.Module, calib: torch.Tensor, start: int, cfg: StreamlineConfig) -> tuple[nn.Module, dict]:
     """A copy of block `start` trained to map the span's input state to its output state
-    (MSE); `model` is only read. Returns (trained block, training log)."""
+    (MSE); `model` is only read. Under several processes each trains on its rows of every
+    batch, gradients averaged (compress.parallel). Returns (trained block, training log)."""
     block = copy.deepcopy(get_adapter(model).get_layers(model)[start]).train()
     for p in block.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(block.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     end, losses, t0, step = start + cfg.span - 1, [], time.monotonic(), 0
+    rows = own_rows(min(cfg.batch_size, len(calib)), "Streamline's replacement training")
 
     def budget_left() -> bool:
         return ((cfg.train_steps is None or step < cfg.train_steps)
-                and (cfg.train_minutes is None or time.monotonic() - t0 < cfg.train_minutes * 60))
+                and not any_process(cfg.train_minutes is not None and time.monotonic() - t0 >= cfg.train_minutes * 60))
 
-    bar = tqdm(total=cfg.train_steps, desc="training the replacement", unit="step")
+    bar = tqdm(total=cfg.train_steps, desc="training the replacement", unit="step", disable=world()[0] != 0)
     while budget_left():
-        idx = torch.randint(len(calib), (min(cfg.batch_size, len(calib)),), generator=gen)
+        idx = torch.randint(len(calib), (min(cfg.batch_size, len(calib)),), generator=gen)[rows]
         io = block_io(model, calib[idx], inputs=[start], outputs=[end], kwargs=[start])
         loss = F.mse_loss(_call(block, io.inputs[start], io.kwargs[start]).float(), io.outputs[end].float())
         if cfg.train_steps:  # cosine decay over the step budget
@@ -133,6 +136,7 @@ def train_replacement(model: nn.Module, calib: torch.Tensor, start: int, cfg: St
                 g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.train_steps))
         opt.zero_grad()
         loss.backward()
+        average_gradients(list(block.parameters()))
         opt.step()
         step += 1
         losses.append(round(loss.item(), 6))

@@ -1,6 +1,6 @@
-"""The cure under several processes (DDP and FSDP2 over gloo, on the CPU), against one process
-on the same global batch: same weights, sharing kept, and a resume under another process count
-and parallelism."""
+"""Training under several processes (gloo, on the CPU) against one process on the same global
+batch: the cure (DDP and FSDP2; same weights, sharing kept, a resume under another process count
+and parallelism) and the fold's own training (block gates, local healing)."""
 
 from __future__ import annotations
 
@@ -104,3 +104,34 @@ def test_two_process_compress_writes_once_what_one_process_writes(tmp_path, tiny
 def test_more_processes_than_healing_windows_is_one_line(tmp_path):
     err = launch(2, str(ROOT / "tests" / "heal_job.py"), str(tmp_path), "2", "3", "--windows", "1", expect=1)
     assert "ValueError: 2 processes but only 1 healing windows: use fewer processes or more data\n" in err
+
+
+def fold_training(out: Path, processes: int, *extra: str, expect: int = 0) -> list[dict] | str:
+    """tests/fold_job.py under `processes` processes: each process's result, or stderr if it must fail."""
+    out.mkdir()
+    err = launch(processes, str(ROOT / "tests" / "fold_job.py"), str(out), *extra, expect=expect)
+    return err if expect else [torch.load(out / f"rank{r}.pt") for r in range(processes)]
+
+
+def test_two_process_gates_local_healing_and_streamline_equal_one_process_on_the_same_global_batch(tmp_path):
+    (one,) = fold_training(tmp_path / "one", 1)
+    two = fold_training(tmp_path / "two", 2)
+    for r in two:  # every process holds the same result, and it is one process's
+        torch.testing.assert_close(r["trajectory"], one["trajectory"], atol=1e-5, rtol=0)
+        assert r["closed"] == one["closed"] and r["steps"] == one["steps"] == [5, 5] and r["shared"]
+        assert_same_weights(one["weights"], r["weights"])
+        assert_same_weights(one["replacement"], r["replacement"])
+    # and the gates moved, so the equality says something
+    assert max(abs(a - b) for a, b in zip(one["trajectory"][0], one["trajectory"][-1])) > 0.01
+
+
+def test_a_local_healing_time_budget_ends_at_the_same_step_on_every_process(tmp_path):
+    two = fold_training(tmp_path / "two", 2, "--local-minutes", "0.02")
+    assert two[0]["steps"] == two[1]["steps"] and sum(two[0]["steps"]) > 0
+    assert_same_weights(two[0]["weights"], two[1]["weights"], atol=0)
+
+
+def test_a_gate_batch_that_does_not_split_over_the_processes_is_one_line(tmp_path):
+    err = fold_training(tmp_path / "odd", 2, "--gate-batch", "3", expect=1)
+    assert ("ValueError: gate learning's batch of 3 does not split evenly over 2 processes: "
+            "use a batch that is a multiple of 2\n") in err
