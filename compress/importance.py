@@ -168,7 +168,8 @@ def learn_gates(model: nn.Module, data: torch.Tensor, cfg: GateConfig) -> GateRe
     """Train one gate per block on `data` (LongTensor [n, seq]) and pick the blocks to close.
 
     The model's weights are not changed. Under several processes each trains on its rows of every
-    batch, and the gradients are averaged: the gates one process would learn, sooner. Raises
+    batch, and the gradients are averaged: the gates one process would learn, sooner (the
+    logged losses are each process's own rows). Raises
     ValueError if `num_remove` would leave no block, or the batch does not split over the processes.
     """
     n_blocks = len(get_adapter(model).get_layers(model))
