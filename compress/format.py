@@ -34,6 +34,9 @@ from compress.blocks import FOLD_FORMAT_VERSION, READABLE_FORMAT_VERSIONS, count
 from compress.outputs import Kind, check_output, replace_path, sync_files  # noqa: F401
 
 WEIGHTS_NAME = "model.safetensors"
+# Config entry of a model dequantized from a GGUF: {"types": [its block types], "group_size": 32}.
+# Exporters read it (export.grid) to store weights still on that 4-bit grid exactly.
+SOURCE_GRID_KEY = "foldgpt_source_grid"
 
 
 def _fold_section(model: nn.Module) -> dict:

@@ -115,7 +115,7 @@ def save_dense(source: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
 def load_gguf(path: Path, dtype: torch.dtype | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_gguf(path)
+    reader = _check_gguf(path)
     kwargs = dict(gguf_file=path.name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype or torch.float32, **kwargs)
@@ -123,9 +123,24 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None):
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise ValueError(f"{path}: cannot load GGUF ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     _drop_quantization(model)
+    _record_grid(model, reader)
     get_adapter(model)
     model.eval()
     return model, tokenizer
+
+
+GRID_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # GGUF block types whose grid an export can keep (export.grid)
+GGUF_BLOCK = 32  # the block size of each of those types
+
+
+def _record_grid(model: nn.Module, reader) -> None:
+    """Remember which block grids the weights were dequantized from, in the config (so in every
+    folded model made from it): a 4-bit export then stores weights still on that grid exactly."""
+    from compress.format import SOURCE_GRID_KEY
+
+    types = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type.name in GRID_TYPES})
+    if types:
+        setattr(model.config, SOURCE_GRID_KEY, {"types": types, "group_size": GGUF_BLOCK})
 
 
 def _check_gguf(path: Path):

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from compress.format import Kind, check_output, sync_files
 from export.executorch_runtime import INSTALL_HINT, TOKENIZER_FILE, PteLM, data_file, resident_memory, runtime
+from export.grid import split_affine
 from export.llm_runner import kernel_libraries
 from export.quantize import layer_bits, quantize_shared, unique_weight_bytes
 from export.parity import GateFailed, record_gate
@@ -89,6 +90,8 @@ def export_executorch(model_dir, out, cfg: ExportConfig | None = None, measure: 
     report = {"backend": "executorch", "precision": cfg.precision.value, "embedding_bits": cfg.embedding_bits,
               "group_size": cfg.group_size if 4 in (layer_bits(cfg.precision), cfg.embedding_bits) else None,
               "model_dir": str(model_dir), "max_context": cfg.max_context, "max_seq_len": max_seq_len, "seconds": {}}
+    if layer_bits(cfg.precision) == 4:
+        report["source_grid_weights"] = split_affine(model, cfg.group_size)  # Q4_1 weights stored exactly
     report["unique_weight_bytes"] = unique_weight_bytes(model, cfg.precision, cfg.group_size, cfg.embedding_bits)
     reference = copy.deepcopy(model) if cfg.parity else None  # deepcopy keeps the Parameter sharing
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -143,7 +146,7 @@ def check_model(model, cfg: ExportConfig) -> None:
 
 def gate_prompts(model, tokenizer, cfg: ExportConfig) -> dict:
     """The gate's fixed prompts and perplexity text; ValueError if they do not fit the context."""
-    from export.parity import ppl_ids, prompts
+    from export.parity import gate_windows, prompts
 
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = prompts(tokenizer, vocab)
@@ -151,7 +154,8 @@ def gate_prompts(model, tokenizer, cfg: ExportConfig) -> dict:
     if need > cfg.max_context:
         raise ValueError(f"max_context {cfg.max_context} is below the parity gate's longest prompt plus "
                          f"{GATE_NEW_TOKENS} new tokens ({need}); raise --max-context or pass --no-parity")
-    return {"prompts": ids, "text": ppl_ids(tokenizer, vocab)[: cfg.max_context]}
+    return {"prompts": ids, "text": gate_windows(tokenizer, vocab, cfg.gate_text, cfg.gate_tokens, min(256, cfg.max_context)),
+            "bound": cfg.ppl_bound()}
 
 
 # ----------------------------------------------------------------------------- 3. trace
@@ -367,7 +371,8 @@ def run_gate(reference, pte: Path, inputs: dict, quantized: bool, num_threads: i
 
     lm = PteLM(pte, num_threads=num_threads)
     return parity_gate(torch_steps(reference), lm.steps, inputs["prompts"], quantized=quantized,
-                       text_ids=inputs["text"] if quantized else None, new_tokens=GATE_NEW_TOKENS)
+                       text_ids=inputs["text"] if quantized else None, new_tokens=GATE_NEW_TOKENS,
+                       max_ppl_ratio=inputs["bound"] or 1.0)
 
 
 def generate(artifact, prompt: str, max_new_tokens: int, on_token=None) -> list[int]:

@@ -84,13 +84,19 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
     if bits == 4:
         import torch
 
-        from export.quantize import check_group_widths  # torch: the exporter's half only
+        from export.grid import aux_weights, split_affine  # torch: the exporter's half only
+        from export.quantize import check_group_widths
 
-        check_group_widths([m for m in model.modules() if isinstance(m, torch.nn.Linear)], cfg.group_size, "onnx int4")
+        source_grid = split_affine(model, cfg.group_size)
+        aux = aux_weights(model)
+        check_group_widths([m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m.weight) not in aux],
+                           cfg.group_size, "onnx int4")
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     report = {"backend": "onnx", "precision": cfg.precision.value, "model_dir": str(model_dir), "seconds": {}}
+    if bits == 4:
+        report["source_grid_weights"] = source_grid  # Q4_1 weights stored exactly (export.grid)
     clock = time.perf_counter()
     try:
         path = stage / MODEL_FILE
@@ -106,7 +112,7 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
         report["initializers"] = onnx_graph.initializer_stats(path)
         if cfg.parity:
             clock = time.perf_counter()
-            gate = run_gate(model, tokenizer, path, quantized=bits is not None, num_threads=cfg.num_threads)
+            gate = run_gate(model, tokenizer, path, cfg)
             record_gate(gate, report, time.perf_counter() - clock, stage, out)
         if measure:
             clock = time.perf_counter()
@@ -353,13 +359,14 @@ def session_options(num_threads: int | None = None, prepack: bool = True):
     return so
 
 
-def run_gate(model, tokenizer, path: Path, quantized: bool, num_threads: int | None = None):
-    from export.parity import parity_gate, ppl_ids, prompts, torch_steps
+def run_gate(model, tokenizer, path: Path, cfg: ExportConfig):
+    from export.parity import gate_windows, parity_gate, prompts, torch_steps
 
-    vocab = model.config.vocab_size
-    lm = OnnxLM(path, num_threads or 1)  # one thread: the gate's steps are small (see torch_steps)
-    return parity_gate(torch_steps(model, num_threads or 1), lm.steps, prompts(tokenizer, vocab), quantized=quantized,
-                       text_ids=ppl_ids(tokenizer, vocab) if quantized else None)
+    vocab, bound = model.config.vocab_size, cfg.ppl_bound()
+    lm = OnnxLM(path, cfg.num_threads or 1)  # one thread: the gate's steps are small (see torch_steps)
+    text = gate_windows(tokenizer, vocab, cfg.gate_text, cfg.gate_tokens) if bound else None
+    return parity_gate(torch_steps(model, cfg.num_threads or 1), lm.steps, prompts(tokenizer, vocab), quantized=bound is not None,
+                       text_ids=text, max_ppl_ratio=bound or 1.0)
 
 
 def generate(artifact, prompt: str, max_new_tokens: int, on_token=None) -> list[int]:

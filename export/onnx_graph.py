@@ -240,6 +240,9 @@ INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes in int8 (activations quantized p
 # (AVX-512 VNNI; benchmarks/results/matmulnbits.md)
 
 
+AUX_SUFFIXES = (".sums.weight.T", ".offset.weight.T")  # export.grid.GridLinear's fp32 parts, pretransposed
+
+
 def quantize_int4(src: Path, dst: Path, block_size: int = 32, method: str = "rtn") -> dict:
     """Weight-only int4: MatMulNBits (symmetric, `block_size`, int8 compute) for every MatMul
     weight, holding the 4-bit values and scales torchao gives ExecuTorch's 8da4w
@@ -251,7 +254,9 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, method: str = "rtn
 
     proto = onnx.load(src)
     fp32 = {t.name: t for t in proto.graph.initializer}
-    quantizer = MatMulNBitsQuantizer(proto, algo_config=DefaultWeightOnlyQuantConfig(
+    aux = [n.name for n in proto.graph.node if n.op_type == "MatMul" and len(n.input) > 1
+           and n.input[1].endswith(AUX_SUFFIXES)]  # a source grid's block sums and offsets stay fp32
+    quantizer = MatMulNBitsQuantizer(proto, nodes_to_exclude=aux, algo_config=DefaultWeightOnlyQuantConfig(
         block_size=block_size, is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL))
     with _quiet_root_logger():
         quantizer.process()

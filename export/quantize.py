@@ -59,14 +59,28 @@ def _algorithm(method: WeightMethod):
             WeightMethod.HQQ: IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY}[WeightMethod(method)]
 
 
-def int4_weights(weight, group_size: int = 32, method: WeightMethod = WeightMethod.RTN):
-    """(q int8 in [-8, 7] of shape (N, K), scale fp32 (N, K / group_size)) with w ~ q * scale:
-    the 4-bit grid torchao gives ExecuTorch's 8da4w, for the ONNX exporter to pack as well."""
+def _int4_tensor(weight, group_size: int, method: WeightMethod, activations: str | None = None):
+    """torchao's 4-bit tensor of `weight`; a weight already on a symmetric 4-bit grid of this
+    group size (a source grid, `export.grid`) keeps exactly its values and scales."""
     import torch
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
-    t = IntxUnpackedToInt8Tensor.from_hp(weight.detach().float(), [1, group_size], torch.int4,
-                                         intx_choose_qparams_algorithm=_algorithm(method))
+    from export.grid import centered_grid
+
+    w = weight.detach().float()
+    grid = centered_grid(w, group_size)
+    if grid is not None:
+        d = grid[1]
+        return IntxUnpackedToInt8Tensor.from_hp(w, [1, group_size], torch.int4, activation_quantization=activations,
+                                                intx_choose_qparams_algorithm=None, custom_scale=d, custom_zero_point=torch.zeros_like(d, dtype=torch.int8))
+    return IntxUnpackedToInt8Tensor.from_hp(w, [1, group_size], torch.int4, activation_quantization=activations,
+                                            intx_choose_qparams_algorithm=_algorithm(method))
+
+
+def int4_weights(weight, group_size: int = 32, method: WeightMethod = WeightMethod.RTN):
+    """(q int8 in [-8, 7] of shape (N, K), scale fp32 (N, K / group_size)) with w ~ q * scale:
+    the 4-bit grid torchao gives ExecuTorch's 8da4w, for the ONNX exporter to pack as well."""
+    t = _int4_tensor(weight, group_size, method)
     return t.qdata, t.scale.float().reshape(weight.shape[0], -1)
 
 
@@ -80,7 +94,11 @@ def check_shapes(model, precision: Precision, group_size: int, embedding_bits: i
     lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if embedding_bits is not None and (lm_head is None or lm_head.weight is not embed.weight):
         raise ValueError("embedding_bits quantizes the embedding shared with the head; this model's embedding is not tied")
-    four_bit = [g[0] for g in linear_groups(model) if (embedding_bits if g[0] is lm_head else layer_bits(precision)) == 4]
+    from export.grid import aux_weights
+
+    aux = aux_weights(model)
+    four_bit = [g[0] for g in linear_groups(model) if id(g[0].weight) not in aux
+                and (embedding_bits if g[0] is lm_head else layer_bits(precision)) == 4]
     check_group_widths(four_bit, group_size, "8da4w")
 
 
@@ -107,12 +125,21 @@ def quantize_shared(model, precision: Precision, group_size: int = 32, embedding
         raise ValueError(f"quantized executorch export needs {e.name}: {INSTALL_HINT}") from None
     lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = lm_head is not None and lm_head.weight is embed.weight
+    from export.grid import aux_weights
+
+    aux = aux_weights(model)
     for group in linear_groups(model):
         leader = group[0]
+        if id(leader.weight) in aux:
+            continue  # a source grid's block sums and offsets (export.grid): fp32
         bits = embedding_bits if (tied and leader is lm_head) else layer_bits(precision)
         if bits is None:
             continue
-        quantize_(leader, _config(bits, group_size, method), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+        if bits == 4 and leader is not lm_head:  # via _int4_tensor: weights on a source grid stay exact
+            leader.weight = nn.Parameter(_int4_tensor(leader.weight, group_size, method, "int8_asym_per_token"),
+                                         requires_grad=False)
+        else:
+            quantize_(leader, _config(bits, group_size, method), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
         for member in group[1:]:
             member.weight = leader.weight  # the same quantized Parameter, not a second quantization
     if tied and embedding_bits is not None:
@@ -139,7 +166,11 @@ def unique_weight_bytes(model, precision: Precision = Precision.FP32, group_size
 
     lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = lm_head is not None and lm_head.weight is embed.weight
-    bits_of = {id(m.weight): layer_bits(precision) for m in model.modules() if isinstance(m, nn.Linear)}
+    from export.grid import aux_weights
+
+    aux = aux_weights(model)  # a source grid's block sums and offsets stay fp32
+    bits_of = {id(m.weight): layer_bits(precision) for m in model.modules()
+               if isinstance(m, nn.Linear) and id(m.weight) not in aux}
     if tied:
         bits_of[id(lm_head.weight)] = embedding_bits
     elif lm_head is not None:

@@ -35,6 +35,11 @@ class WeightMethod(str, Enum):
     HQQ = "hqq"  # half-quadratic scale search (torchao hqq_scale_only): lower weight error, same format
 
 
+# Default bound of the quantized gate, quantized / fp32 perplexity on held-out text, by the
+# narrowest weights: 8-bit rounding should cost next to nothing, 4-bit at most a tenth.
+PPL_BOUNDS = {8: 1.02, 4: 1.10}
+
+
 @dataclass
 class ExportConfig:
     precision: Precision = Precision.FP32
@@ -43,6 +48,9 @@ class ExportConfig:
     group_size: int = 32  # int4 block / group size
     weight_method: WeightMethod = WeightMethod.RTN  # 4-bit scales; a fold healed with qat_bits=4 wants rtn
     parity: bool = True  # run the parity gate before anything is written to `out`
+    max_ppl_ratio: float | None = None  # the quantized gate's bound; None: PPL_BOUNDS by the narrowest weights
+    gate_text: str | None = None  # a text file held back from calibration (default: export.parity's prose)
+    gate_tokens: int = 1024  # tokens of gate_text scored (in windows of up to 256)
     num_threads: int | None = None
     overwrite: bool = False  # replace an existing `out` this tool did not write (never the model itself)
 
@@ -56,6 +64,23 @@ class ExportConfig:
             raise ValueError(f"max_context must be at least 2, got {self.max_context}")
         if self.embedding_bits not in (None, 4, 8):
             raise ValueError(f"embedding_bits must be 4 or 8, got {self.embedding_bits}")
+        if self.max_ppl_ratio is not None and not self.max_ppl_ratio >= 1:
+            raise ValueError(f"max_ppl_ratio bounds quantized / fp32 perplexity and must be at least 1, got {self.max_ppl_ratio}")
+        if self.gate_text is not None and not Path(self.gate_text).is_file():
+            raise ValueError(f"gate_text {self.gate_text}: no such file")
+        if self.gate_tokens < 16:
+            raise ValueError(f"gate_tokens must be at least 16, got {self.gate_tokens}")
+
+    def weight_bits(self) -> int | None:
+        """The narrowest stored weights: 4, 8, or None (fp32)."""
+        bits = [b for b in ({Precision.INT8: 8, Precision.INT4: 4, Precision.INT8DA4W: 4}.get(self.precision),
+                            self.embedding_bits) if b is not None]
+        return min(bits) if bits else None
+
+    def ppl_bound(self) -> float | None:
+        """The quantized gate's perplexity bound (None for fp32, which is gated on logits)."""
+        bits = self.weight_bits()
+        return None if bits is None else (self.max_ppl_ratio or PPL_BOUNDS[bits])
 
     @classmethod
     def from_spec(cls, spec: str, **kwargs) -> "ExportConfig":

@@ -172,7 +172,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     backend = get_backend(args.backend)
     cfg = ExportConfig(precision=args.precision, max_context=args.max_context, embedding_bits=args.embedding_bits,
-                       weight_method=args.weight_method, parity=not args.no_parity, overwrite=args.overwrite)
+                       weight_method=args.weight_method, parity=not args.no_parity, overwrite=args.overwrite,
+                       max_ppl_ratio=args.max_ppl_ratio, gate_text=args.gate_text)
     report = backend.export(args.model_dir, args.out, cfg)
     print(json.dumps(report, indent=2, default=str))
     return 0
@@ -189,6 +190,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-method", default="rtn",
                    help="4-bit scales: rtn (round to nearest; use it for a fold healed with --qat-bits 4) or hqq")
     p.add_argument("--no-parity", action="store_true", help="skip the parity gate (not recommended)")
+    p.add_argument("--max-ppl-ratio", type=float, default=None,
+                   help="quantized gate: refuse an export above this perplexity ratio to fp32 (default 1.02 for 8-bit, 1.10 for 4-bit)")
+    p.add_argument("--gate-text", default=None, help="quantized gate: a text file held back from calibration (default: built-in prose)")
     _overwrite_arg(p)
 
 

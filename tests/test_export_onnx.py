@@ -589,3 +589,45 @@ def test_default_model_folded_passes_the_gate(default_model, tmp_path):
     tokens, stats = GenaiLM(out).generate(ids, 16)
     assert tokens == reference_greedy(model, ids, 16, tok.eos_token_id) and len(tokens) > 0
     assert tokens == get_backend("onnx").generate(out, "The capital of France is", 16)
+
+
+def test_quantized_gate_bounds_by_weight_bits_and_refuses_above_them(folded, tmp_path):
+    """Default bounds x1.02 (8-bit) and x1.10 (4-bit); an export above its bound is refused,
+    kept at its temporary path, and nothing lands at OUT. A bound below 1 is one line."""
+    assert ExportConfig(precision="int8").ppl_bound() == 1.02 and ExportConfig(precision="int4").ppl_bound() == 1.10
+    assert ExportConfig(precision="8da4w", embedding_bits=8).ppl_bound() == 1.10
+    assert ExportConfig(precision="fp32", embedding_bits=8).ppl_bound() == 1.02
+    assert ExportConfig().ppl_bound() is None and ExportConfig(precision="int4", max_ppl_ratio=1.3).ppl_bound() == 1.3
+    with pytest.raises(ValueError, match="max_ppl_ratio bounds quantized / fp32 perplexity and must be at least 1, got 0.9"):
+        ExportConfig(precision="int4", max_ppl_ratio=0.9)
+    with pytest.raises(ValueError, match="gate_text .*nope.txt: no such file"):
+        ExportConfig(precision="int4", gate_text=str(tmp_path / "nope.txt"))
+    text = tmp_path / "held_out.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "out"
+    cfg = ExportConfig(precision="int4", max_ppl_ratio=1.0, gate_text=str(text), gate_tokens=300)
+    with pytest.raises(ValueError, match="parity gate failed: perplexity .* bound x1\\) on 300 tokens") as err:
+        export_onnx(folded[0], out, cfg, measure=False)  # 4-bit rounding costs something: above x1.0
+    assert "\n" not in str(err.value) and not out.exists()
+    assert err.value.report["parity"]["details"]["ppl_ratio"] > 1.0
+
+
+def test_gate_windows_split_held_out_text():
+    from export.parity import gate_windows, perplexity, ppl_ids
+
+    tok = tiny_tokenizer()
+    ids = ppl_ids(tok, 99, 100)
+    assert len(ids) == 100  # the built-in prose is longer than that
+    windows = gate_windows(tok, 99, None, tokens=100, window=40)
+    assert windows == [ids[:40], ids[40:80], ids[80:]]
+    assert gate_windows(tok, 99, None, tokens=90, window=40) == [ids[:40], ids[40:80]]  # a 10-token tail is dropped
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(99, 99)).astype(np.float32)
+
+    def factory():
+        return lambda ids: table[np.asarray(ids)]  # a bigram model: each window's NLL is the same pooled or split
+
+    flat = [t for w in windows for t in w]
+    pooled = perplexity(factory, windows)
+    assert np.isclose(np.log(pooled) * (len(flat) - len(windows)),
+                      sum(np.log(perplexity(factory, w)) * (len(w) - 1) for w in windows))

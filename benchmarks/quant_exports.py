@@ -1,0 +1,219 @@
+"""Every quantized artifact's perplexity, through its own runtime, beside llama.cpp's Q4_1.
+
+    python benchmarks/quant_exports.py [--fold DIR] [--tokens 8192]
+
+Models: the dense default model (dequantized from its Q4_1 GGUF, which `compress.load`
+now records: weights still on that grid export exactly, `export.grid`), the same weights
+with the record removed (how every export rounded before: the control), and a finished
+fold (default: the main job's, healed, so off the grid). Each is exported at every
+quantized precision of both backends with the parity gate off (this measures what the gate
+would), and its perplexity on WikiText-2 validation (dev file, measurement only; nothing
+is chosen on it) is computed through the runtime itself, in disjoint 512-token windows,
+against the fp32 model in torch on the same windows (the fp32 exports equal it within the
+gate's 1e-3 logits). llama.cpp runs the GGUF itself. Decode ms/token: paired, grid against
+control, alternating rounds in one process per runtime.
+
+Writes benchmarks/results/quant_exports.{json,md,png}; exports and scores are kept under
+benchmarks/work/quant_exports/ and reused, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import RESULTS, WIKI, WORK, require_dev
+
+OUT = WORK / "quant_exports"
+WINDOW = 512
+EXPORTS = (("executorch", "8da4w+emb8"), ("executorch", "8da4w"), ("executorch", "int8+emb8"),
+           ("onnx", "int4"), ("onnx", "int8"))
+CONTROL_EXPORTS = (("executorch", "8da4w+emb8"), ("onnx", "int4"))  # the grid's before / after, paired
+
+
+def windows(tokenizer, tokens: int) -> list[list[int]]:
+    ids = tokenizer(WIKI.read_text(), verbose=False)["input_ids"][:tokens]
+    return [ids[i:i + WINDOW] for i in range(0, len(ids) - WINDOW + 1, WINDOW)]
+
+
+def models(fold: Path) -> dict[str, Path]:
+    """dense (grid recorded), dense-nogrid (record removed), fold: folded-format directories."""
+    from compress.format import SOURCE_GRID_KEY
+    from compress.load import DEFAULT_MODEL, save_dense
+
+    dense = save_dense(DEFAULT_MODEL, OUT / "models" / "dense")
+    control = OUT / "models" / "dense-nogrid"
+    if not (control / "config.json").is_file():
+        import shutil
+
+        tmp = control.with_name(".dense-nogrid.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(dense, tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop(SOURCE_GRID_KEY, None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tmp.rename(control)
+    return {"dense": dense, "dense-nogrid": control, "fold": fold}
+
+
+def export(name: str, src: Path, backend: str, precision: str) -> Path:
+    from export.registry import ExportConfig, get_backend
+
+    folder = OUT / "exports" / f"{name}-{backend}-{precision}"
+    b = get_backend(backend)
+    path = b.artifact_path(folder)
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        report = b.export(src, path, ExportConfig.from_spec(precision, max_context=WINDOW + 8, parity=False), measure=False)
+        report["seconds"]["total"] = round(time.perf_counter() - t, 1)
+        (folder / "export_report.json").write_text(json.dumps(report, indent=1, default=str))
+    return path
+
+
+def factory(backend: str, path: Path, threads: int):
+    if backend == "executorch":
+        from export.executorch_runtime import PteLM
+
+        return PteLM(path, num_threads=threads).steps
+    if backend == "onnx":
+        from export.onnx import OnnxLM
+
+        return OnnxLM(path, threads).steps
+    from runtime_tests.runtimes import LlamaCppRunner
+
+    lm = LlamaCppRunner(path, threads=threads, n_ctx=WINDOW + 8)
+
+    def steps():
+        lm.reset()
+        return lambda ids: np.stack([lm.step(int(t)) for t in ids])
+
+    return steps
+
+
+def scored(key: str, make, wins) -> float:
+    """Perplexity over the windows, cached in OUT/scores.json under `key`."""
+    from export.parity import perplexity
+
+    cache_file = OUT / "scores.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    if key not in cache:
+        t = time.perf_counter()
+        cache[key] = {"ppl": perplexity(make(), wins), "seconds": round(time.perf_counter() - t, 1)}
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(cache_file)
+        print(f"  {key}: {cache[key]['ppl']:.3f} ({cache[key]['seconds']} s)", flush=True)
+    return cache[key]["ppl"]
+
+
+def decode_ms(backend: str, paths: dict[str, Path], rounds: int = 5, steps: int = 64) -> dict[str, float]:
+    """Median ms/token of `steps` greedy-free decode steps after a 32-token prompt, 1 thread,
+    the artifacts alternating round by round (paired on this noisy machine)."""
+    make = {k: factory(backend, p, 1) for k, p in paths.items()}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(rounds):
+        for k, f in make.items():
+            step = f()
+            step(list(range(100, 132)))
+            t = time.perf_counter()
+            for i in range(steps):
+                step([200 + i])
+            times[k].append((time.perf_counter() - t) * 1e3 / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    from compress.format import load_folded
+    from export.parity import torch_steps
+    from runtime_tests.runtimes import llamacpp_available
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fold", default=str(Path("/work/fresh/runs/main/folded")), help="a finished fold (folded format)")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    require_dev()
+    fold = Path(args.fold)
+    if not (fold / "config.json").is_file():
+        sys.exit(f"{fold}: not a folded model")
+    srcs = models(fold)
+    rows = []
+    for name, src in srcs.items():
+        model, tok = load_folded(src)
+        wins = windows(tok, args.tokens)
+        fp32 = scored(f"{name}/torch:fp32", lambda: torch_steps(model.float().eval(), args.threads), wins)
+        size = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values())
+        rows.append({"model": name, "runtime": "torch", "precision": "fp32", "ppl": fp32, "x_fp32": 1.0, "mib": size / 2**20})
+        del model
+        for backend, precision in (CONTROL_EXPORTS if name == "dense-nogrid" else EXPORTS):
+            print(f"-- {name} {backend} {precision}", flush=True)
+            path = export(name, src, backend, precision)
+            ppl = scored(f"{name}/{backend}:{precision}", factory(backend, path, args.threads), wins)
+            report = json.loads((path.parent if backend == "executorch" else path).joinpath("export_report.json").read_text())
+            files = [path, path.with_suffix(".ptd")] if backend == "executorch" else list(path.glob("model.onnx*"))
+            rows.append({"model": name, "runtime": backend, "precision": precision, "ppl": ppl, "x_fp32": ppl / fp32,
+                         "mib": sum(f.stat().st_size for f in files if f.exists()) / 2**20,
+                         "grid_weights": report.get("source_grid_weights", 0)})
+        if name == "dense" and llamacpp_available():
+            from compress.load import default_gguf
+
+            ppl = scored("dense/llamacpp:q4_1", factory("llamacpp", default_gguf(), args.threads), wins)
+            rows.append({"model": name, "runtime": "llamacpp", "precision": "q4_1", "ppl": ppl, "x_fp32": ppl / fp32,
+                         "mib": default_gguf().stat().st_size / 2**20})
+    speed = {}
+    for backend, precision in CONTROL_EXPORTS:
+        ms = decode_ms(backend, {n: export(n, srcs[n], backend, precision) for n in ("dense", "dense-nogrid")})
+        speed[f"{backend}:{precision}"] = {**{k: round(v, 3) for k, v in ms.items()}, "grid_speed_x": round(ms["dense-nogrid"] / ms["dense"], 3)}
+        print(f"  decode {backend}:{precision}: {speed[f'{backend}:{precision}']}", flush=True)
+    write(rows, speed, args)
+
+
+def write(rows: list[dict], speed: dict, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    command = "python benchmarks/quant_exports.py " + shlex.join(sys.argv[1:])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quant_exports.json").write_text(json.dumps({"command": command, "tokens": args.tokens, "window": WINDOW,
+                                                            "rows": rows, "decode": speed}, indent=1))
+    lines = ["# Quantized exports: perplexity through each runtime, bytes, decode", "",
+             f"Reproduce: `{command}` (WikiText-2 validation: dev file, measurement only; {args.tokens} tokens in disjoint "
+             f"{WINDOW}-token windows, each artifact through its own runtime; x fp32: against the same model's fp32 in torch "
+             "on the same windows). dense: the default model as loaded from its Q4_1 GGUF (the grid recorded: weights on it "
+             "export exactly, `export.grid`); dense-nogrid: the same weights without the record, i.e. every earlier export "
+             "(round to nearest, symmetric groups of 32); fold: the main job's healed fold (off the grid). MiB: files on disk.",
+             "", "| model | runtime | precision | wikitext2 ppl | x fp32 | MiB | weights stored exactly from the grid |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['runtime']} | {r['precision']} | {r['ppl']:.3f} | {r['x_fp32']:.4f} | {r['mib']:.1f} | "
+              f"{r.get('grid_weights', '-')} |" for r in rows]
+    lines += ["", "Decode, dense, 1 thread, median ms/token of 64 steps over 5 alternating rounds (paired):", "",
+              "| runtime:precision | grid ms/token | no-grid ms/token | grid speed x no-grid |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['dense']} | {v['dense-nogrid']} | {v['grid_speed_x']} |" for k, v in speed.items()]
+    (RESULTS / "quant_exports.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        marker = {"torch": "s", "executorch": "o", "onnx": "^", "llamacpp": "*"}[r["runtime"]]
+        color = {"dense": "tab:blue", "dense-nogrid": "tab:gray", "fold": "tab:orange"}[r["model"]]
+        ax.scatter(r["mib"], r["ppl"], marker=marker, color=color, s=80 if marker == "*" else 40)
+        ax.annotate(f"{r['runtime']}:{r['precision']}", (r["mib"], r["ppl"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("artifact MiB (log)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_title("blue: dense (grid kept), gray: dense (no grid), orange: fold")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quant_exports.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
