@@ -63,16 +63,33 @@ def models(fold: Path) -> dict[str, Path]:
     return {"dense": dense, "dense-nogrid": control, "fold": fold}
 
 
-def export(name: str, src: Path, backend: str, precision: str) -> Path:
+def calibration_file() -> Path:
+    """The default calibration text (self text, generation seed 0: what calibration and healing
+    use, never the held-out seed the gate scores), 8192 tokens' worth, as a file for gptq."""
+    file = OUT / "calibration_self_text.txt"
+    if not file.is_file():
+        from compress.data import DataConfig, load_texts
+        from compress.load import DEFAULT_MODEL, load_model
+
+        OUT.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        tmp.write_text("\n\n".join(load_texts(DataConfig(num_sequences=32, seq_len=256), *load_model(DEFAULT_MODEL))))
+        tmp.replace(file)
+    return file
+
+
+def export(name: str, src: Path, backend: str, precision: str, method: str = "rtn") -> Path:
     from export.registry import ExportConfig, get_backend
 
-    folder = OUT / "exports" / f"{name}-{backend}-{precision}"
+    folder = OUT / "exports" / f"{name}-{backend}-{precision}{'' if method == 'rtn' else '-' + method}"
     b = get_backend(backend)
     path = b.artifact_path(folder)
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        report = b.export(src, path, ExportConfig.from_spec(precision, max_context=WINDOW + 8, parity=False), measure=False)
+        extra = {"weight_method": method, "calibration": str(calibration_file())} if method == "gptq" else {}
+        report = b.export(src, path, ExportConfig.from_spec(precision, max_context=WINDOW + 8, parity=False, **extra),
+                          measure=False)
         report["seconds"]["total"] = round(time.perf_counter() - t, 1)
         (folder / "export_report.json").write_text(json.dumps(report, indent=1, default=str))
     return path
@@ -99,7 +116,8 @@ def factory(backend: str, path: Path, threads: int):
 
 
 def scored(key: str, make, wins) -> float:
-    """Perplexity over the windows, cached in OUT/scores.json under `key`."""
+    """Perplexity over the windows, cached in OUT/scores.json under `key`; `make()` returns the
+    step factory (called only when the score is not cached)."""
     from export.parity import perplexity
 
     cache_file = OUT / "scores.json"
@@ -151,22 +169,26 @@ def main() -> None:
         wins = windows(tok, args.tokens)
         fp32 = scored(f"{name}/torch:fp32", lambda: torch_steps(model.float().eval(), args.threads), wins)
         size = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values())
-        rows.append({"model": name, "runtime": "torch", "precision": "fp32", "ppl": fp32, "x_fp32": 1.0, "mib": size / 2**20})
+        rows.append({"model": name, "runtime": "torch", "precision": "fp32", "method": "-", "ppl": fp32, "x_fp32": 1.0,
+                     "mib": size / 2**20})
         del model
-        for backend, precision in (CONTROL_EXPORTS if name == "dense-nogrid" else EXPORTS):
-            print(f"-- {name} {backend} {precision}", flush=True)
-            path = export(name, src, backend, precision)
-            ppl = scored(f"{name}/{backend}:{precision}", factory(backend, path, args.threads), wins)
+        todo = [(b, p, "rtn") for b, p in (CONTROL_EXPORTS if name == "dense-nogrid" else EXPORTS)]
+        todo += [(b, p, "gptq") for b, p in CONTROL_EXPORTS] if name != "dense" else []
+        for backend, precision, method in todo:
+            print(f"-- {name} {backend} {precision} {method}", flush=True)
+            path = export(name, src, backend, precision, method)
+            suffix = "" if method == "rtn" else f"/{method}"
+            ppl = scored(f"{name}/{backend}:{precision}{suffix}", lambda: factory(backend, path, args.threads), wins)
             report = json.loads((path.parent if backend == "executorch" else path).joinpath("export_report.json").read_text())
             files = [path, path.with_suffix(".ptd")] if backend == "executorch" else list(path.glob("model.onnx*"))
-            rows.append({"model": name, "runtime": backend, "precision": precision, "ppl": ppl, "x_fp32": ppl / fp32,
-                         "mib": sum(f.stat().st_size for f in files if f.exists()) / 2**20,
+            rows.append({"model": name, "runtime": backend, "precision": precision, "method": method, "ppl": ppl,
+                         "x_fp32": ppl / fp32, "mib": sum(f.stat().st_size for f in files if f.exists()) / 2**20,
                          "grid_weights": report.get("source_grid_weights", 0)})
         if name == "dense" and llamacpp_available():
             from compress.load import default_gguf
 
-            ppl = scored("dense/llamacpp:q4_1", factory("llamacpp", default_gguf(), args.threads), wins)
-            rows.append({"model": name, "runtime": "llamacpp", "precision": "q4_1", "ppl": ppl, "x_fp32": ppl / fp32,
+            ppl = scored("dense/llamacpp:q4_1", lambda: factory("llamacpp", default_gguf(), args.threads), wins)
+            rows.append({"model": name, "runtime": "llamacpp", "precision": "q4_1", "method": "-", "ppl": ppl, "x_fp32": ppl / fp32,
                          "mib": default_gguf().stat().st_size / 2**20})
     speed = {}
     for backend, precision in CONTROL_EXPORTS:
@@ -191,10 +213,11 @@ def write(rows: list[dict], speed: dict, args) -> None:
              f"{WINDOW}-token windows, each artifact through its own runtime; x fp32: against the same model's fp32 in torch "
              "on the same windows). dense: the default model as loaded from its Q4_1 GGUF (the grid recorded: weights on it "
              "export exactly, `export.grid`); dense-nogrid: the same weights without the record, i.e. every earlier export "
-             "(round to nearest, symmetric groups of 32); fold: the main job's healed fold (off the grid). MiB: files on disk.",
-             "", "| model | runtime | precision | wikitext2 ppl | x fp32 | MiB | weights stored exactly from the grid |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['runtime']} | {r['precision']} | {r['ppl']:.3f} | {r['x_fp32']:.4f} | {r['mib']:.1f} | "
+             "(round to nearest, symmetric groups of 32); fold: the main job's healed fold (off the grid). gptq: `export.gptq` "
+             "against 8192 tokens of self text (generation seed 0, the calibration text; not WikiText). MiB: files on disk.",
+             "", "| model | runtime | precision | 4-bit method | wikitext2 ppl | x fp32 | MiB | weights stored exactly from the grid |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['runtime']} | {r['precision']} | {r['method']} | {r['ppl']:.3f} | {r['x_fp32']:.4f} | {r['mib']:.1f} | "
               f"{r.get('grid_weights', '-')} |" for r in rows]
     lines += ["", "Decode, dense, 1 thread, median ms/token of 64 steps over 5 alternating rounds (paired):", "",
               "| runtime:precision | grid ms/token | no-grid ms/token | grid speed x no-grid |", "|---|---|---|---|"]

@@ -48,9 +48,8 @@ from pathlib import Path
 
 from compress.format import Kind, check_output, sync_files
 from export.executorch_runtime import INSTALL_HINT, TOKENIZER_FILE, PteLM, data_file, resident_memory, runtime
-from export.grid import split_affine
 from export.llm_runner import kernel_libraries
-from export.quantize import layer_bits, quantize_shared, unique_weight_bytes
+from export.quantize import check_shapes, layer_bits, prepare_4bit, quantize_shared, unique_weight_bytes
 from export.parity import GateFailed, record_gate
 from export.registry import ExportConfig, Precision, check_paths, load_model, register_backend
 
@@ -90,8 +89,9 @@ def export_executorch(model_dir, out, cfg: ExportConfig | None = None, measure: 
     report = {"backend": "executorch", "precision": cfg.precision.value, "embedding_bits": cfg.embedding_bits,
               "group_size": cfg.group_size if 4 in (layer_bits(cfg.precision), cfg.embedding_bits) else None,
               "model_dir": str(model_dir), "max_context": cfg.max_context, "max_seq_len": max_seq_len, "seconds": {}}
+    check_shapes(model, cfg.precision, cfg.group_size, cfg.embedding_bits)  # before gptq's minutes
     if layer_bits(cfg.precision) == 4:
-        report["source_grid_weights"] = split_affine(model, cfg.group_size)  # Q4_1 weights stored exactly
+        report.update(prepare_4bit(model, tokenizer, cfg))  # source-grid weights stored exactly; gptq
     report["unique_weight_bytes"] = unique_weight_bytes(model, cfg.precision, cfg.group_size, cfg.embedding_bits)
     reference = copy.deepcopy(model) if cfg.parity else None  # deepcopy keeps the Parameter sharing
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -146,7 +146,7 @@ def check_model(model, cfg: ExportConfig) -> None:
 
 def gate_prompts(model, tokenizer, cfg: ExportConfig) -> dict:
     """The gate's fixed prompts and perplexity text; ValueError if they do not fit the context."""
-    from export.parity import gate_windows, prompts
+    from export.parity import text_windows, prompts
 
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = prompts(tokenizer, vocab)
@@ -154,7 +154,7 @@ def gate_prompts(model, tokenizer, cfg: ExportConfig) -> dict:
     if need > cfg.max_context:
         raise ValueError(f"max_context {cfg.max_context} is below the parity gate's longest prompt plus "
                          f"{GATE_NEW_TOKENS} new tokens ({need}); raise --max-context or pass --no-parity")
-    return {"prompts": ids, "text": gate_windows(tokenizer, vocab, cfg.gate_text, cfg.gate_tokens, min(256, cfg.max_context)),
+    return {"prompts": ids, "text": text_windows(tokenizer, vocab, cfg.gate_text, cfg.gate_tokens, min(256, cfg.max_context)),
             "bound": cfg.ppl_bound()}
 
 

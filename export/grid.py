@@ -45,14 +45,23 @@ def _fits(w: torch.Tensor, approx: torch.Tensor, step: torch.Tensor) -> bool:
 
 def centered_grid(w: torch.Tensor, group_size: int = GROUP) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(q int8 in [-8, 7] of w's shape, d fp32 (rows, blocks)) if w = d * q exactly in every
-    block, with the block's minimum at q = -8 (how Q4_0 and our split of Q4_1 round); else None."""
+    block, else None: Q4_0, our split of Q4_1, and weights GPTQ or a quantization-aware cure
+    put on a symmetric grid. A block's step is found from its largest magnitude, which sits
+    at some |q| = k in 1..8; the largest k that fits is taken (any fitting step is exact)."""
     b = _blocks(w, group_size)
-    lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
-    d = (hi - lo) / 15
-    d = torch.where(d > 0, d, torch.ones_like(d))  # one repeated value c: exact as q = c at scale 1 if it fits
-    q = torch.round(b / d).clamp(-8, 7)
-    if not _fits(b, q * d, d) or not bool(((hi == lo) | ((lo + 8 * d).abs() <= _TOL * d)).all()):
+    amax = b.abs().amax(-1, keepdim=True)
+    found = torch.zeros_like(amax, dtype=torch.bool)
+    d = torch.ones_like(amax)  # an all-zero block: q = 0 at any step
+    for k in range(8, 0, -1):
+        step = amax / k
+        q = torch.round(b / torch.where(step > 0, step, torch.ones_like(step)))
+        fits = ((b - q * step).abs() <= _TOL * step).all(-1, keepdim=True) & (q >= -8).all(-1, keepdim=True) \
+            & (q <= 7).all(-1, keepdim=True) & (amax > 0) & ~found
+        d = torch.where(fits, step, d)
+        found |= fits
+    if not bool((found | (amax == 0)).all()):
         return None
+    q = torch.round(b / d).clamp(-8, 7)
     return q.to(torch.int8).reshape(w.shape), d.squeeze(-1)
 
 

@@ -84,19 +84,16 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
     if bits == 4:
         import torch
 
-        from export.grid import aux_weights, split_affine  # torch: the exporter's half only
-        from export.quantize import check_group_widths
+        from export.quantize import check_group_widths, prepare_4bit  # torch: the exporter's half only
 
-        source_grid = split_affine(model, cfg.group_size)
-        aux = aux_weights(model)
-        check_group_widths([m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m.weight) not in aux],
-                           cfg.group_size, "onnx int4")
+        check_group_widths([m for m in model.modules() if isinstance(m, torch.nn.Linear)], cfg.group_size, "onnx int4")
+        prepared = prepare_4bit(model, tokenizer, cfg)  # source-grid weights stored exactly; gptq
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     report = {"backend": "onnx", "precision": cfg.precision.value, "model_dir": str(model_dir), "seconds": {}}
     if bits == 4:
-        report["source_grid_weights"] = source_grid  # Q4_1 weights stored exactly (export.grid)
+        report.update(prepared)
     clock = time.perf_counter()
     try:
         path = stage / MODEL_FILE
@@ -360,11 +357,11 @@ def session_options(num_threads: int | None = None, prepack: bool = True):
 
 
 def run_gate(model, tokenizer, path: Path, cfg: ExportConfig):
-    from export.parity import gate_windows, parity_gate, prompts, torch_steps
+    from export.parity import text_windows, parity_gate, prompts, torch_steps
 
     vocab, bound = model.config.vocab_size, cfg.ppl_bound()
     lm = OnnxLM(path, cfg.num_threads or 1)  # one thread: the gate's steps are small (see torch_steps)
-    text = gate_windows(tokenizer, vocab, cfg.gate_text, cfg.gate_tokens) if bound else None
+    text = text_windows(tokenizer, vocab, cfg.gate_text, cfg.gate_tokens) if bound else None
     return parity_gate(torch_steps(model, cfg.num_threads or 1), lm.steps, prompts(tokenizer, vocab), quantized=bound is not None,
                        text_ids=text, max_ppl_ratio=bound or 1.0)
 

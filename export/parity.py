@@ -19,7 +19,7 @@ its static-cache method (a step may feed the tokens one by one inside).
 fp32 (quantized=False): on each fixed prompt, the logits of the prefill and of each of
 32 greedy decode steps differ by less than `atol` (1e-3), and the 32 greedy tokens are
 identical. Quantized (quantized=True): logits cannot match, so the gate measures the
-perplexity of both models on text held back from calibration (`gate_windows`: a file, or a
+perplexity of both models on text held back from calibration (`text_windows`: a file, or a
 built-in prose passage) and passes while the candidate's is at most `max_ppl_ratio` times
 the reference's: the exporters pass `ExportConfig.ppl_bound()`, by default x1.02 for 8-bit
 and x1.10 for 4-bit weights (export.registry.PPL_BOUNDS), a quality bar rather than a
@@ -119,11 +119,11 @@ def ppl_ids(tokenizer=None, vocab_size: int | None = None, max_tokens: int = 256
     return np.random.default_rng(1).integers(0, vocab_size, 64).tolist()
 
 
-def gate_windows(tokenizer=None, vocab_size: int | None = None, path=None, tokens: int = 1024,
+def text_windows(tokenizer=None, vocab_size: int | None = None, path=None, tokens: int = 1024,
                  window: int = 256) -> list[list[int]]:
-    """The quantized gate's text as windows of up to `window` tokens, `tokens` in all: the file
-    at `path` (text held back from any calibration: the main job passes held-out self text),
-    else the built-in prose. A window shorter than 16 tokens is dropped."""
+    """Windows of up to `window` tokens, `tokens` in all, of the text file at `path`, else of
+    the built-in prose: the quantized gate's text (held back from calibration: the main job
+    passes held-out self text) and GPTQ's calibration. A window under 16 tokens is dropped."""
     if path is None or tokenizer is None:
         ids = ppl_ids(tokenizer, vocab_size, tokens)
     else:

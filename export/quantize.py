@@ -55,8 +55,25 @@ def _config(bits: int, group_size: int, method: WeightMethod = WeightMethod.RTN)
 def _algorithm(method: WeightMethod):
     from torchao.quantization.quantize_.workflows import IntxChooseQParamsAlgorithm
 
-    return {WeightMethod.RTN: IntxChooseQParamsAlgorithm.AFFINE,
+    # gptq puts weights on their grid before this (`prepare_4bit`); what it leaves (the head) rounds to nearest
+    return {WeightMethod.RTN: IntxChooseQParamsAlgorithm.AFFINE, WeightMethod.GPTQ: IntxChooseQParamsAlgorithm.AFFINE,
             WeightMethod.HQQ: IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY}[WeightMethod(method)]
+
+
+def prepare_4bit(model, tokenizer, cfg) -> dict:
+    """What a 4-bit export does to the fp32 model first, in place, in both backends: weights still
+    on the source GGUF's grid are split to be stored exactly (`export.grid`), then with
+    weight_method gptq the others are put on their GPTQ grid (`export.gptq`). Returns counts."""
+    from export.grid import aux_weights, split_affine
+
+    stats = {"source_grid_weights": split_affine(model, cfg.group_size)}
+    if cfg.weight_method is WeightMethod.GPTQ:
+        from export.gptq import gptq_
+        from export.parity import text_windows
+
+        windows = text_windows(tokenizer, None, cfg.calibration, cfg.calibration_tokens)
+        stats["gptq_weights"] = gptq_(model, windows, cfg.group_size, skip=aux_weights(model))
+    return stats
 
 
 def _int4_tensor(weight, group_size: int, method: WeightMethod, activations: str | None = None):

@@ -33,6 +33,7 @@ class WeightMethod(str, Enum):
     """How grouped 4-bit weights get their scales (both backends, export.quantize.int4_weights)."""
     RTN = "rtn"  # round to nearest, scale = max|w| / 7.5 per group (torchao's symmetric affine)
     HQQ = "hqq"  # half-quadratic scale search (torchao hqq_scale_only): lower weight error, same format
+    GPTQ = "gptq"  # export.gptq: lower output error on calibration text (ExportConfig.calibration), same format
 
 
 # Default bound of the quantized gate, quantized / fp32 perplexity on held-out text, by the
@@ -51,6 +52,8 @@ class ExportConfig:
     max_ppl_ratio: float | None = None  # the quantized gate's bound; None: PPL_BOUNDS by the narrowest weights
     gate_text: str | None = None  # a text file held back from calibration (default: export.parity's prose)
     gate_tokens: int = 1024  # tokens of gate_text scored (in windows of up to 256)
+    calibration: str | None = None  # gptq: a text file of the model's kind of input (never the gate's text)
+    calibration_tokens: int = 8192
     num_threads: int | None = None
     overwrite: bool = False  # replace an existing `out` this tool did not write (never the model itself)
 
@@ -70,6 +73,12 @@ class ExportConfig:
             raise ValueError(f"gate_text {self.gate_text}: no such file")
         if self.gate_tokens < 16:
             raise ValueError(f"gate_tokens must be at least 16, got {self.gate_tokens}")
+        if self.weight_method is WeightMethod.GPTQ and self.calibration is None:
+            raise ValueError("weight_method gptq rounds against calibration text: pass calibration (a text file)")
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise ValueError(f"calibration {self.calibration}: no such file")
+        if self.calibration is not None and self.gate_text is not None and Path(self.calibration).resolve() == Path(self.gate_text).resolve():
+            raise ValueError("calibration and gate_text are the same file: the gate must score text held back from calibration")
 
     def weight_bits(self) -> int | None:
         """The narrowest stored weights: 4, 8, or None (fp32)."""

@@ -46,6 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 heal=replace(d.heal, max_minutes=args.heal_minutes, qat_bits=args.qat_bits),
                 calib=replace(d.calib, source=args.data), heal_data=replace(d.heal_data, source=args.data),
                 exports=parse_exports(args.exports) if args.exports else d.exports,
+                weight_method=args.weight_method, max_ppl_ratio=args.max_ppl_ratio,
                 bench=not args.no_bench, profile=args.profile, overwrite=args.overwrite))
     return 0
 
@@ -173,7 +174,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     backend = get_backend(args.backend)
     cfg = ExportConfig(precision=args.precision, max_context=args.max_context, embedding_bits=args.embedding_bits,
                        weight_method=args.weight_method, parity=not args.no_parity, overwrite=args.overwrite,
-                       max_ppl_ratio=args.max_ppl_ratio, gate_text=args.gate_text)
+                       max_ppl_ratio=args.max_ppl_ratio, gate_text=args.gate_text, calibration=args.calibration)
     report = backend.export(args.model_dir, args.out, cfg)
     print(json.dumps(report, indent=2, default=str))
     return 0
@@ -188,7 +189,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=512, help="KV-cache length for static-cache backends")
     p.add_argument("--embedding-bits", type=int, default=None, help="executorch: quantize the tied embedding and head to 8 bits (one tensor; 4 is refused: stored twice)")
     p.add_argument("--weight-method", default="rtn",
-                   help="4-bit scales: rtn (round to nearest; use it for a fold healed with --qat-bits 4) or hqq")
+                   help="4-bit weights: rtn (round to nearest; use it for a fold healed with --qat-bits 4), hqq, "
+                        "or gptq (needs --calibration)")
+    p.add_argument("--calibration", default=None, help="gptq: a text file like the model's input (not the gate's text)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity gate (not recommended)")
     p.add_argument("--max-ppl-ratio", type=float, default=None,
                    help="quantized gate: refuse an export above this perplexity ratio to fp32 (default 1.02 for 8-bit, 1.10 for 4-bit)")
@@ -384,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, help="phone profile for the harnesses")
     p.add_argument("--exports", default=None,
                    help="BACKEND:PRECISION list (default: onnx:fp32,onnx:int4,executorch:8da4w+emb8), e.g. executorch:fp32")
+    p.add_argument("--weight-method", default="gptq", help="the 4-bit exports' rounding: gptq (on the calibration text), rtn or hqq")
+    p.add_argument("--max-ppl-ratio", type=float, default=None,
+                   help="the exports' gate: refuse one above this perplexity ratio to fp32 (default 1.02 for 8-bit, 1.10 for 4-bit)")
     p.add_argument("--no-bench", action="store_true", help="stop after the exports")
     _overwrite_arg(p)
     p.set_defaults(func=cmd_run)

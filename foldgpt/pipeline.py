@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from compress.data import DataConfig
@@ -81,6 +81,8 @@ class RunConfig:
     calib: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=40))
     heal_data: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=128, seed=1))
     exports: tuple[tuple[str, str], ...] = DEFAULT_EXPORTS
+    weight_method: str = "gptq"  # the 4-bit exports' rounding; gptq calibrates on the calibration text (self text)
+    max_ppl_ratio: float | None = None  # the exports' gate bound; None: x1.02 for 8-bit, x1.10 for 4-bit
     max_context: int = 1152  # static KV cache of the ExecuTorch programs: 1024-token prompts + 128 decoded
     bench: bool = True
     profile: str | None = None  # default: runtime_tests' default profile
@@ -94,6 +96,12 @@ class RunConfig:
             raise ValueError(f"quality_tokens >= 0, max_context >= 2, repeats and rounds >= 1 (got {self.quality_tokens}, "
                              f"{self.max_context}, {self.repeats}, {self.rounds})")
         parse_exports(",".join(f"{b}:{p}" for b, p in self.exports))  # a bad pair fails here
+        from compress.registry import enum_choice
+        from export.registry import WeightMethod
+
+        self.weight_method = enum_choice(WeightMethod, self.weight_method, "weight method").value
+        if self.max_ppl_ratio is not None and not self.max_ppl_ratio >= 1:
+            raise ValueError(f"max_ppl_ratio bounds quantized / fp32 perplexity and must be at least 1, got {self.max_ppl_ratio}")
 
 
 def _stage(name: str, text: str) -> float:
@@ -138,7 +146,9 @@ def run(cfg: RunConfig) -> dict:
         _took(timings, "quality_s", t, earlier if skipped else {}, kept)
 
     t = _stage("3/4 export", ", ".join(f"{b} {p}" for b, p in cfg.exports))
-    exports = export_all({"dense": dense_dir, "folded": folded_dir}, cfg.exports, out / "exports", cfg.max_context)
+    texts = gate_and_calibration_texts(dense_dir, out, cfg)
+    exports = export_all({"dense": dense_dir, "folded": folded_dir}, cfg.exports, out / "exports", cfg.max_context,
+                         texts, cfg.weight_method, cfg.max_ppl_ratio)
     _took(timings, "export_s", t, earlier if all(e.get("kept") for rows in exports.values() for e in rows) else {}, kept)
 
     bench_result = None
@@ -161,6 +171,7 @@ def run(cfg: RunConfig) -> dict:
         timings["bench_s"] = time.monotonic() - t
         report = out / "bench" / "report.md"
         extra = [quality_section(quality)] if quality else []
+        extra.append(exports_section(exports))
         extra.append(timing_section(timings, _compress_timings(folded_dir), tuple(kept)))
         write_atomic(report, report.read_text() + "\n" + "\n".join(extra))
 
@@ -210,6 +221,19 @@ def quality_section(q: dict) -> str:
         r = q[name]
         lines.append(f"| {name} | {r['perplexity']:.2f} | {r['perplexity'] / dense:.2f}x | {r['depths']} | "
                      f"{r['unique_blocks']} | {r['unique_params'] / 1e6:.1f}M | {r['unique_bytes'] / mb:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def exports_section(exports: dict[str, list[dict]]) -> str:
+    """The report's export table: each artifact's parity gate, so what quantization cost is in view."""
+    lines = ["## Exports and their parity gates", "",
+             "fp32: logits within 1e-3 of PyTorch and the same greedy tokens. Quantized: perplexity on held-out self "
+             "text against the fp32 model, refused above its bound (x1.02 for 8-bit, x1.10 for 4-bit weights by default).",
+             "", "| model | backend | precision | status | gate |", "|---|---|---|---|---|"]
+    for name, rows in exports.items():
+        for r in rows:
+            gate = (r.get("parity") or {}).get("reason", "-")
+            lines.append(f"| {name} | {r['backend']} | {r['precision']} | {r['status']} | {gate} |")
     return "\n".join(lines) + "\n"
 
 
@@ -267,11 +291,30 @@ def llamacpp_peer(model: str) -> str | None:
     return str(default_gguf())
 
 
-def export_all(models: dict[str, Path], exports: tuple[tuple[str, str], ...], root: Path,
-               max_context: int) -> dict[str, list[dict]]:
+def gate_and_calibration_texts(dense_dir: Path, out: Path, cfg: RunConfig, tokens: int = 8192) -> dict[str, str]:
+    """Two text files the exports read: the gate's held-out self text (generation seed 1, no
+    stage's input) and gptq's calibration text (the fold's own calibration source, seed 0)."""
+    from compress.data import held_out_text, load_texts
+
+    files = {"gate_text": out / "texts" / "held_out.txt", "calibration": out / "texts" / "calibration.txt"}
+    if not all(f.is_file() for f in files.values()):
+        from compress.format import load_folded
+
+        dense, tok = load_folded(dense_dir)
+        files["gate_text"].parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(files["gate_text"], held_out_text(dense, tok, tokens))
+        calib = replace(cfg.calib, num_sequences=tokens // cfg.calib.seq_len)
+        write_atomic(files["calibration"], "\n\n".join(load_texts(calib, dense, tok)))
+    return {k: str(v) for k, v in files.items()}
+
+
+def export_all(models: dict[str, Path], exports: tuple[tuple[str, str], ...], root: Path, max_context: int,
+               texts: dict[str, str] | None = None, weight_method: str = "rtn",
+               max_ppl_ratio: float | None = None) -> dict[str, list[dict]]:
     """Every (model, backend, precision) export into root/NAME-BACKEND-PRECISION; an existing
-    artifact is kept, a failure (e.g. a fold no exporter stores) recorded in one line."""
-    from export.registry import ExportConfig, get_backend
+    artifact is kept, a failure (e.g. a fold no exporter stores, or a gate's refusal) recorded in
+    one line. `texts`: the gate's text and gptq's calibration file (gate_and_calibration_texts)."""
+    from export.registry import ExportConfig, Precision, get_backend
 
     root.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
@@ -286,17 +329,28 @@ def export_all(models: dict[str, Path], exports: tuple[tuple[str, str], ...], ro
             report_file = folder / "export_report.json"
             if path.exists():
                 row.update(status="ok", kept=True)
+                if report_file.is_file() and json.loads(report_file.read_text()).get("parity"):
+                    row["parity"] = json.loads(report_file.read_text())["parity"]
                 rows.append(row)
                 continue
             print(f"-- export {name} {backend} {precision}", flush=True)
             try:
                 # the bench stage measures memory in its own fresh processes: skip the export's probes
-                report = get_backend(backend).export(model_dir, path, ExportConfig.from_spec(precision, max_context=max_context),
-                                                     measure=False)
+                cfg = ExportConfig.from_spec(precision, max_context=max_context, max_ppl_ratio=max_ppl_ratio,
+                                             gate_text=(texts or {}).get("gate_text"))
+                if cfg.precision in (Precision.INT4, Precision.INT8DA4W) and weight_method != "rtn":
+                    cfg = ExportConfig.from_spec(precision, max_context=max_context, max_ppl_ratio=max_ppl_ratio,
+                                                 gate_text=cfg.gate_text, weight_method=weight_method,
+                                                 calibration=(texts or {}).get("calibration"))
+                report = get_backend(backend).export(model_dir, path, cfg, measure=False)
                 report_file.write_text(json.dumps(report, indent=1, default=str))
                 row["status"] = "ok"
+                if report.get("parity"):
+                    row["parity"] = report["parity"]
             except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
                 row.update(status="failed", error=str(e).splitlines()[0][:300])
+                if getattr(e, "report", None):  # a gate's refusal: what it measured
+                    row["parity"] = e.report.get("parity")
                 print(f"   failed: {row['error']}", flush=True)
             rows.append(row)
     return results

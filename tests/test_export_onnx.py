@@ -421,8 +421,14 @@ def test_hqq_scales_lower_the_output_error(folded):
 
 
 def test_weight_method_bad_input_is_one_line(folded, tmp_path):
-    with pytest.raises(ValueError, match="unknown weight method 'gptq'; choose one of rtn, hqq"):
+    with pytest.raises(ValueError, match="unknown weight method 'awq'; choose one of rtn, hqq, gptq"):
+        ExportConfig(precision="int4", weight_method="awq")
+    with pytest.raises(ValueError, match="weight_method gptq rounds against calibration text: pass calibration"):
         ExportConfig(precision="int4", weight_method="gptq")
+    text = tmp_path / "calib.txt"
+    text.write_text("some text")
+    with pytest.raises(ValueError, match="calibration and gate_text are the same file"):
+        ExportConfig(precision="int4", weight_method="gptq", calibration=str(text), gate_text=str(text))
     with pytest.raises(ValueError, match="weight_method hqq applies to 4-bit weights \\(int4, 8da4w\\), not int8"):
         ExportConfig(precision="int8", weight_method="hqq")
     with pytest.raises(ValueError, match="onnx int4 needs input widths divisible by group_size 128; a Linear has 32"):
@@ -612,15 +618,15 @@ def test_quantized_gate_bounds_by_weight_bits_and_refuses_above_them(folded, tmp
     assert err.value.report["parity"]["details"]["ppl_ratio"] > 1.0
 
 
-def test_gate_windows_split_held_out_text():
-    from export.parity import gate_windows, perplexity, ppl_ids
+def test_text_windows_split_held_out_text():
+    from export.parity import text_windows, perplexity, ppl_ids
 
     tok = tiny_tokenizer()
     ids = ppl_ids(tok, 99, 100)
     assert len(ids) == 100  # the built-in prose is longer than that
-    windows = gate_windows(tok, 99, None, tokens=100, window=40)
+    windows = text_windows(tok, 99, None, tokens=100, window=40)
     assert windows == [ids[:40], ids[40:80], ids[80:]]
-    assert gate_windows(tok, 99, None, tokens=90, window=40) == [ids[:40], ids[40:80]]  # a 10-token tail is dropped
+    assert text_windows(tok, 99, None, tokens=90, window=40) == [ids[:40], ids[40:80]]  # a 10-token tail is dropped
     rng = np.random.default_rng(0)
     table = rng.normal(size=(99, 99)).astype(np.float32)
 

@@ -103,7 +103,8 @@ def test_bad_settings_fail_before_the_run_folder_is_made(tmp_path, source):
     from foldgpt import pipeline
 
     for bad, match in ((dict(fold={"removal_rate": 1.5}), "removal_rate"), (dict(heal={"max_minutes": -1}), "max_minutes must be positive"),
-                       (dict(exports=(("onnx", "8da4w"),)), "onnx backend exports"), (dict(quality_tokens=-1), "quality_tokens")):
+                       (dict(exports=(("onnx", "8da4w"),)), "onnx backend exports"), (dict(quality_tokens=-1), "quality_tokens"),
+                       (dict(weight_method="awq"), "unknown weight method 'awq'"), (dict(max_ppl_ratio=0.5), "at least 1, got 0.5")):
         with pytest.raises(ValueError, match=match):
             pipeline.run(config(tmp_path, source, **bad))
         assert not (tmp_path / "run").exists()
@@ -170,3 +171,23 @@ def test_timing_section_splits_compress_into_its_stages():
     assert "bench" not in text  # a stage that did not run is not listed
     rerun = timing_section({"dense_s": 30, "compress_s": 600, "bench_s": 300}, {}, earlier=("compress_s",))
     assert "| compress (earlier run) | 10.0 |" in rerun.splitlines() and "| bench | 5.0 |" in rerun.splitlines()
+
+
+def test_4bit_exports_use_gptq_and_the_held_out_gate(tmp_path, source):
+    """The run's 4-bit exports round with gptq on the calibration file and are gated on the
+    held-out file (never the same text); the report's export table shows each gate."""
+    from foldgpt.pipeline import export_all, exports_section
+
+    calib, held_out = tmp_path / "calib.txt", tmp_path / "held_out.txt"
+    calib.write_text("boats and tides and clocks. " * 60)
+    held_out.write_text("a different text about gardens and rain. " * 60)
+    texts = {"gate_text": str(held_out), "calibration": str(calib)}
+    rows = export_all({"folded": source}, (("onnx", "int4"), ("onnx", "fp32")), tmp_path / "exports", 64, texts,
+                      weight_method="gptq", max_ppl_ratio=3.0)["folded"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    report = json.loads((tmp_path / "exports" / "folded-onnx-int4" / "export_report.json").read_text())
+    assert report["gptq_weights"] == 6 * 7  # every unique decoder weight of the 6-block source
+    assert rows[0]["parity"]["details"]["max_ppl_ratio"] == 3.0 and "bound x3" in rows[0]["parity"]["reason"]
+    assert rows[1]["parity"]["kind"] == "logits"  # fp32 takes no method and stays gated on logits
+    section = exports_section({"folded": rows})
+    assert "| folded | onnx | int4 | ok | perplexity " in section and "| folded | onnx | fp32 | ok | max |logits diff|" in section
