@@ -1,6 +1,6 @@
 """Every quantized artifact's perplexity, through its own runtime, beside llama.cpp's Q4_1.
 
-    python benchmarks/quant_exports.py [--fold DIR] [--tokens 8192]
+    python benchmarks/quant_exports.py [--fold runs/main/folded] [--tokens 4096]
 
 Models: the dense default model (dequantized from its Q4_1 GGUF, which `compress.load`
 now records: weights still on that grid export exactly, `export.grid`), the same weights
@@ -33,8 +33,14 @@ from common import RESULTS, WIKI, WORK, require_dev
 
 OUT = WORK / "quant_exports"
 WINDOW = 512
-EXPORTS = (("executorch", "8da4w+emb8"), ("executorch", "8da4w"), ("executorch", "int8+emb8"),
-           ("onnx", "int4"), ("onnx", "int8"))
+# (model, backend, precision, 4-bit method), in the order they run: what the targets need first
+PLAN = (("dense", "executorch", "8da4w+emb8", "rtn"), ("dense", "onnx", "int4", "rtn"), ("dense", "onnx", "int8", "rtn"),
+        ("dense", "executorch", "int8+emb8", "rtn"),
+        ("fold", "executorch", "8da4w+emb8", "rtn"), ("fold", "executorch", "8da4w+emb8", "gptq"),
+        ("fold", "onnx", "int4", "rtn"), ("fold", "onnx", "int4", "gptq"), ("fold", "onnx", "int8", "rtn"),
+        ("fold", "executorch", "int8+emb8", "rtn"),
+        ("dense-nogrid", "executorch", "8da4w+emb8", "rtn"), ("dense-nogrid", "onnx", "int4", "rtn"),
+        ("dense", "executorch", "8da4w", "rtn"), ("fold", "executorch", "8da4w", "rtn"))
 CONTROL_EXPORTS = (("executorch", "8da4w+emb8"), ("onnx", "int4"))  # the grid's before / after, paired
 
 
@@ -133,7 +139,7 @@ def scored(key: str, make, wins) -> float:
 
 
 def decode_ms(backend: str, paths: dict[str, Path], rounds: int = 5, steps: int = 64) -> dict[str, float]:
-    """Median ms/token of `steps` greedy-free decode steps after a 32-token prompt, 1 thread,
+    """Median ms/token of `steps` decode steps (fixed tokens) after a 32-token prompt, 1 thread,
     the artifacts alternating round by round (paired on this noisy machine)."""
     make = {k: factory(backend, p, 1) for k, p in paths.items()}
     times: dict[str, list[float]] = {k: [] for k in paths}
@@ -154,8 +160,8 @@ def main() -> None:
     from runtime_tests.runtimes import llamacpp_available
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fold", default=str(Path("/work/fresh/runs/main/folded")), help="a finished fold (folded format)")
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--fold", default="runs/main/folded", help="a finished fold (default: what `make run` leaves)")
+    ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     require_dev()
@@ -163,33 +169,33 @@ def main() -> None:
     if not (fold / "config.json").is_file():
         sys.exit(f"{fold}: not a folded model")
     srcs = models(fold)
+    loaded = {name: load_folded(src) for name, src in srcs.items()}
+    wins = {name: windows(tok, args.tokens) for name, (_, tok) in loaded.items()}
+    fp32 = {}
     rows = []
-    for name, src in srcs.items():
-        model, tok = load_folded(src)
-        wins = windows(tok, args.tokens)
-        fp32 = scored(f"{name}/torch:fp32", lambda: torch_steps(model.float().eval(), args.threads), wins)
+    for name, (model, _) in loaded.items():
+        fp32[name] = scored(f"{name}/torch:fp32", lambda: torch_steps(model.float().eval(), args.threads), wins[name])
         size = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values())
-        rows.append({"model": name, "runtime": "torch", "precision": "fp32", "method": "-", "ppl": fp32, "x_fp32": 1.0,
+        rows.append({"model": name, "runtime": "torch", "precision": "fp32", "method": "-", "ppl": fp32[name], "x_fp32": 1.0,
                      "mib": size / 2**20})
-        del model
-        todo = [(b, p, "rtn") for b, p in (CONTROL_EXPORTS if name == "dense-nogrid" else EXPORTS)]
-        todo += [(b, p, "gptq") for b, p in CONTROL_EXPORTS] if name != "dense" else []
-        for backend, precision, method in todo:
-            print(f"-- {name} {backend} {precision} {method}", flush=True)
-            path = export(name, src, backend, precision, method)
-            suffix = "" if method == "rtn" else f"/{method}"
-            ppl = scored(f"{name}/{backend}:{precision}{suffix}", lambda: factory(backend, path, args.threads), wins)
-            report = json.loads((path.parent if backend == "executorch" else path).joinpath("export_report.json").read_text())
-            files = [path, path.with_suffix(".ptd")] if backend == "executorch" else list(path.glob("model.onnx*"))
-            rows.append({"model": name, "runtime": backend, "precision": precision, "method": method, "ppl": ppl,
-                         "x_fp32": ppl / fp32, "mib": sum(f.stat().st_size for f in files if f.exists()) / 2**20,
-                         "grid_weights": report.get("source_grid_weights", 0)})
-        if name == "dense" and llamacpp_available():
-            from compress.load import default_gguf
+    del loaded
+    if llamacpp_available():
+        from compress.load import default_gguf
 
-            ppl = scored("dense/llamacpp:q4_1", lambda: factory("llamacpp", default_gguf(), args.threads), wins)
-            rows.append({"model": name, "runtime": "llamacpp", "precision": "q4_1", "method": "-", "ppl": ppl, "x_fp32": ppl / fp32,
-                         "mib": default_gguf().stat().st_size / 2**20})
+        ppl = scored("dense/llamacpp:q4_1", lambda: factory("llamacpp", default_gguf(), args.threads), wins["dense"])
+        rows.append({"model": "dense", "runtime": "llamacpp", "precision": "q4_1", "method": "-", "ppl": ppl,
+                     "x_fp32": ppl / fp32["dense"], "mib": default_gguf().stat().st_size / 2**20})
+    for name, backend, precision, method in PLAN:
+        print(f"-- {name} {backend} {precision} {method}", flush=True)
+        path = export(name, srcs[name], backend, precision, method)
+        suffix = "" if method == "rtn" else f"/{method}"
+        ppl = scored(f"{name}/{backend}:{precision}{suffix}", lambda: factory(backend, path, args.threads), wins[name])
+        report = json.loads((path.parent if backend == "executorch" else path).joinpath("export_report.json").read_text())
+        files = [path, path.with_suffix(".ptd")] if backend == "executorch" else list(path.glob("model.onnx*"))
+        rows.append({"model": name, "runtime": backend, "precision": precision, "method": method, "ppl": ppl,
+                     "x_fp32": ppl / fp32[name], "mib": sum(f.stat().st_size for f in files if f.exists()) / 2**20,
+                     "grid_weights": report.get("source_grid_weights", 0)})
+        write(rows, {}, args)  # as it goes: a long run leaves its rows so far
     speed = {}
     for backend, precision in CONTROL_EXPORTS:
         ms = decode_ms(backend, {n: export(n, srcs[n], backend, precision) for n in ("dense", "dense-nogrid")})
@@ -219,9 +225,10 @@ def write(rows: list[dict], speed: dict, args) -> None:
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['runtime']} | {r['precision']} | {r['method']} | {r['ppl']:.3f} | {r['x_fp32']:.4f} | {r['mib']:.1f} | "
               f"{r.get('grid_weights', '-')} |" for r in rows]
-    lines += ["", "Decode, dense, 1 thread, median ms/token of 64 steps over 5 alternating rounds (paired):", "",
-              "| runtime:precision | grid ms/token | no-grid ms/token | grid speed x no-grid |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['dense']} | {v['dense-nogrid']} | {v['grid_speed_x']} |" for k, v in speed.items()]
+    if speed:
+        lines += ["", "Decode, dense, 1 thread, median ms/token of 64 steps over 5 alternating rounds (paired):", "",
+                  "| runtime:precision | grid ms/token | no-grid ms/token | grid speed x no-grid |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['dense']} | {v['dense-nogrid']} | {v['grid_speed_x']} |" for k, v in speed.items()]
     (RESULTS / "quant_exports.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     fig, ax = plt.subplots(figsize=(7, 4.5))

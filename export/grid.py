@@ -14,8 +14,9 @@ Runtime's MatMulNBits is 23x slower at decode with the float zero points Q4_1 ne
     x W^T = x W0^T + (x E^T) C^T
 where W0 = d * (q - 8) is symmetric (stored as the 4-bit values q - 8 and scales d, exactly),
 E (blocks, in) sums each block of inputs (0/1; one tensor per input width, shared by every
-such Linear) and C (out, blocks) holds the per-block offsets m + 8d in fp32. C costs 4 bytes
-per 32 weights (1/8 byte a weight), a little more than Q4_1's own fp16 minimum.
+such Linear) and C (out, blocks) holds the per-block offsets m + 8d: 8-bit per row in
+ExecuTorch (1/32 byte a weight), fp32 in ONNX (1/8 byte a weight; MatMulNBits' blocks do not
+fit C's 18 or 48 columns).
 """
 
 from __future__ import annotations
@@ -90,11 +91,23 @@ class GridLinear(nn.Module):
         return self.main(x) + self.offset(self.sums(x))
 
 
-def _block_sums(in_features: int, group_size: int) -> nn.Linear:
-    sums = nn.Linear(in_features, in_features // group_size, bias=False)
-    with torch.no_grad():
-        sums.weight.copy_(torch.eye(in_features // group_size).repeat_interleave(group_size, dim=1))
-    return sums.requires_grad_(False)
+class BlockSums(nn.Linear):
+    """x E^T: the sum of each block of `group_size` inputs (E is 0/1). q, k and v (and gate and
+    up) read one input: the last input and its sums are kept, so a traced graph computes the
+    sums once per input rather than once per Linear (the input is held, so `is` cannot match
+    a new tensor that reuses a freed one's id)."""
+
+    def __init__(self, in_features: int, group_size: int):
+        super().__init__(in_features, in_features // group_size, bias=False)
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(in_features // group_size).repeat_interleave(group_size, dim=1))
+        self.requires_grad_(False)
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._last is None or self._last[0] is not x:
+            self._last = (x, super().forward(x))
+        return self._last[1]
 
 
 def split_affine(model: nn.Module, group_size: int = GROUP) -> int:
@@ -105,7 +118,7 @@ def split_affine(model: nn.Module, group_size: int = GROUP) -> int:
     if source_grid(model) is None or group_size != GROUP:
         return 0
     head = model.get_output_embeddings()
-    sums: dict[int, nn.Linear] = {}
+    sums: dict[int, BlockSums] = {}
     made: dict[int, GridLinear | None] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -119,7 +132,7 @@ def split_affine(model: nn.Module, group_size: int = GROUP) -> int:
     return sum(g is not None for g in made.values())
 
 
-def _grid_linear(linear: nn.Linear, group_size: int, sums: dict[int, nn.Linear]) -> GridLinear | None:
+def _grid_linear(linear: nn.Linear, group_size: int, sums: dict[int, BlockSums]) -> GridLinear | None:
     if centered_grid(linear.weight, group_size) is not None:
         return None  # already symmetric (Q4_0): stored exactly as it is
     grid = affine_grid(linear.weight, group_size)
@@ -133,10 +146,17 @@ def _grid_linear(linear: nn.Linear, group_size: int, sums: dict[int, nn.Linear])
         offset.weight.copy_(m + 8 * d)
         if linear.bias is not None:
             main.bias.copy_(linear.bias)
-    block_sums = sums.setdefault(linear.in_features, _block_sums(linear.in_features, group_size))
+    block_sums = sums.setdefault(linear.in_features, BlockSums(linear.in_features, group_size))
     return GridLinear(main.requires_grad_(False), block_sums, offset.requires_grad_(False))
 
 
 def aux_weights(model: nn.Module) -> set[int]:
-    """ids of the split's `sums` and `offset` weights: kept fp32, never quantized."""
+    """ids of the split's `sums` and `offset` weights: never quantized as 4-bit weights."""
     return {id(p) for m in model.modules() if isinstance(m, GridLinear) for p in (m.sums.weight, m.offset.weight)}
+
+
+def offset_weights(model: nn.Module) -> set[int]:
+    """ids of the split's `offset` weights: ExecuTorch stores them 8da8w (per row), which costs
+    the dense model x1.0013 perplexity on held-out self text in torch against fp32 offsets
+    (4x their bytes); the block sums E stay fp32 (0/1, shared, tiny)."""
+    return {id(m.offset.weight) for m in model.modules() if isinstance(m, GridLinear)}

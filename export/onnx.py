@@ -229,11 +229,15 @@ def unique_weight_bytes(model, precision: Precision = Precision.FP32, group_size
     fp32: 4 bytes an element. int8: a Linear or embedding weight is 1 byte an element plus
     its per-tensor scale and zero point (4 + 1 bytes). int4: a Linear weight (out N, in K)
     is N * ceil(K / group) blocks of group/2 bytes plus one fp32 scale each; an untied
-    input embedding stays fp32. Everything else (norms, biases) stays fp32.
+    input embedding stays fp32. Everything else (norms, biases, a source grid's block sums and
+    offsets: `export.grid`) stays fp32.
     """
     import torch
 
-    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    from export.grid import aux_weights
+
+    aux = aux_weights(model)
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m.weight) not in aux}
     embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     total = 0
     for p in {id(p): p for p in model.parameters()}.values():

@@ -142,13 +142,15 @@ def quantize_shared(model, precision: Precision, group_size: int = 32, embedding
         raise ValueError(f"quantized executorch export needs {e.name}: {INSTALL_HINT}") from None
     lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = lm_head is not None and lm_head.weight is embed.weight
-    from export.grid import aux_weights
+    from export.grid import aux_weights, offset_weights
 
-    aux = aux_weights(model)
+    aux, offsets = aux_weights(model), offset_weights(model)
     for group in linear_groups(model):
         leader = group[0]
         if id(leader.weight) in aux:
-            continue  # a source grid's block sums and offsets (export.grid): fp32
+            if id(leader.weight) in offsets:  # a source grid's offsets (export.grid): 8da8w; its block sums: fp32
+                quantize_(leader, _config(8, group_size), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+            continue
         bits = embedding_bits if (tied and leader is lm_head) else layer_bits(precision)
         if bits is None:
             continue
@@ -183,11 +185,12 @@ def unique_weight_bytes(model, precision: Precision = Precision.FP32, group_size
 
     lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = lm_head is not None and lm_head.weight is embed.weight
-    from export.grid import aux_weights
+    from export.grid import aux_weights, offset_weights
 
-    aux = aux_weights(model)  # a source grid's block sums and offsets stay fp32
+    aux = aux_weights(model)  # a source grid's block sums stay fp32, its offsets 8-bit in 8da4w
     bits_of = {id(m.weight): layer_bits(precision) for m in model.modules()
                if isinstance(m, nn.Linear) and id(m.weight) not in aux}
+    bits_of.update({k: 8 for k in offset_weights(model)} if layer_bits(precision) == 4 else {})
     if tied:
         bits_of[id(lm_head.weight)] = embedding_bits
     elif lm_head is not None:

@@ -80,11 +80,13 @@ def test_q4_1_weights_split_exactly_and_round_to_themselves():
         source = source_of(split, grids)
         assert torch.equal(q.long().reshape(source[0].shape), source[0] - 8)
         assert torch.allclose(s, source[1], rtol=1e-6)
-    # bytes: each main at 4 bits, each offset (out, blocks) and block-sum matrix in fp32, once
+    # bytes (8da4w): each main at 4 bits; each offset (out, blocks) at 8 bits per row; each block-sum matrix fp32; once
     aux = aux_weights(model)
     assert len(aux) == 14 + 2
     plain, _ = grid_model()
-    extra = sum(4 * p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) in aux)
+    offsets = {id(s.offset.weight): s.offset.weight for s in splits.values()}
+    sums = {id(s.sums.weight): s.sums.weight for s in splits.values()}
+    extra = sum(w.numel() + 4 * w.shape[0] for w in offsets.values()) + sum(4 * w.numel() for w in sums.values())
     assert unique_weight_bytes(model, Precision.INT8DA4W) == unique_weight_bytes(plain, Precision.INT8DA4W) + extra
 
 
@@ -110,16 +112,18 @@ def test_the_grid_record_survives_the_folded_format(tmp_path):
 
 def test_executorch_8da4w_holds_the_source_grid():
     """quantize_shared on a split model: each main weight's 4-bit values and scales are the
-    source grid's (XNNPACK then stores the scales in bf16); sums and offsets stay fp32."""
+    source grid's (XNNPACK then stores the scales in bf16); offsets 8-bit per row, sums fp32."""
     model, grids = grid_model()
     split_affine(model)
+    splits = {id(m): m for m in model.modules() if isinstance(m, GridLinear)}
+    sources = {key: source_of(split, grids) for key, split in splits.items()}
     quantize_shared(model, Precision.INT8DA4W, 32, embedding_bits=8)
-    for split in {id(m): m for m in model.modules() if isinstance(m, GridLinear)}.values():
-        w = split.main.weight
-        source = source_of(split, grids)
+    for key, split in splits.items():
+        w, source = split.main.weight, sources[key]
         assert torch.equal(w.qdata.long().reshape(source[0].shape), source[0] - 8)
         assert torch.allclose(w.scale.reshape(source[1].shape), source[1], rtol=1e-6)
-        assert type(split.offset.weight) is nn.Parameter and split.offset.weight.dtype == torch.float32
+        assert type(split.sums.weight) is nn.Parameter and split.sums.weight.dtype == torch.float32
+        assert split.offset.weight.qdata.dtype == torch.int8 and split.offset.weight.block_size == (1, w.shape[1] // 32)
 
 
 @pytest.mark.parametrize("with_grid", [True, False])
@@ -154,3 +158,29 @@ def test_onnx_int4_stores_the_source_grid_exactly(tmp_path, with_grid):
     assert len(fp32_matmuls) == (4 * (7 + 4) if with_grid else 0)
     if with_grid:  # exact weights: only the int8 activations remain
         assert report["parity"]["details"]["ppl_ratio"] < 1.01
+
+
+def test_block_sums_are_computed_once_per_input():
+    """q, k and v read one input: a traced graph holds one block-sum matmul for the three."""
+    model, _ = grid_model()
+    split_affine(model)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.sums is attn.k_proj.sums is attn.v_proj.sums
+    x = torch.randn(1, 5, 64)
+    ref = [m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    graph = torch.export.export(_Three(attn), (x,)).graph
+    linears = [n for n in graph.nodes if n.op == "call_function" and "linear" in str(n.target)]
+    assert len(linears) == 3 + 3 + 1  # three mains, three offsets, one block sum
+    for got, want in zip(_Three(attn)(x), ref):
+        torch.testing.assert_close(got, want)
+    y = torch.randn(1, 5, 64)  # a new input gets its own sums
+    torch.testing.assert_close(attn.q_proj(y), attn.q_proj.main(y) + attn.q_proj.offset(y.reshape(1, 5, 2, 32).sum(-1)))
+
+
+class _Three(nn.Module):
+    def __init__(self, attn):
+        super().__init__()
+        self.q, self.k, self.v = attn.q_proj, attn.k_proj, attn.v_proj
+
+    def forward(self, x):
+        return self.q(x), self.k(x), self.v(x)
