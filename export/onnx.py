@@ -10,8 +10,9 @@ Stages of `export_onnx` (each a function below):
                        past_key_values.{i}.key / .value (B, kv_heads, P, head_dim) per depth
                outputs logits (B, S, V), present.{i}.key / .value (B, kv_heads, P+S, head_dim)
                then `onnx_graph.pretranspose_weights`, the onnxscript optimizer, no metadata
-  3. quantize  int8 (dynamic) or int4 (MatMulNBits, block `group_size`, int8 compute, on the
-               4-bit grid ExecuTorch's 8da4w gets: `onnx_graph.regrid_int4`), each weight once
+  3. quantize  int8 or int4: MatMulNBits (symmetric blocks of `group_size`, int8 compute); int4 on
+               the 4-bit grid ExecuTorch's 8da4w gets, a source GGUF's grid kept exactly
+               (`export.quantize.prepare_4bit`), each weight once (`onnx_graph.quantize_nbits`)
   4. package   genai_config.json and the tokenizer files beside model.onnx
   5. gate      `export.parity` against the PyTorch model (fp32: logits + greedy tokens,
                quantized: perplexity); a failed gate leaves the export at its temporary path
@@ -22,11 +23,11 @@ Stages of `export_onnx` (each a function below):
 Raises FileNotFoundError / ValueError (one line) for a path that is not a model, an OUT
 inside the model directory, a model the exporter cannot convert, or a failed gate.
 
-Memory with ONNX Runtime's default options (prepacking on): fp32 and int8 store the
-tied embedding as rows that the head reads as MatMul's / MatMulInteger's A input, which
-ORT does not prepack, so the session holds that weight once (the mapped file pages).
-int4's head (MatMulNBits) is prepacked from the mapped 4-bit rows the embedding also
-gathers, and prepacking reads every weight page: `OnnxLM` then releases the mapped
+Memory with ONNX Runtime's default options (prepacking on): fp32 stores the tied
+embedding as rows that the head reads as MatMul's A input, which ORT does not prepack,
+so the session holds that weight once (the mapped file pages). int8's and int4's head
+(MatMulNBits) is prepacked from the mapped quantized rows the embedding also gathers,
+and prepacking reads every weight page: `OnnxLM` then releases the mapped
 pages (`export.pages`), so only the rows a run gathers come back. Without the release
 the tied weight was resident twice (about +18-21% on SmolLM2).
 """
@@ -77,22 +78,22 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
     if cfg.embedding_bits not in (None, bits):
         raise ValueError(f"onnx: the tied embedding is quantized with the head ({cfg.precision.value}); "
                          f"embedding_bits={cfg.embedding_bits} is not supported")
-    if bits == 4 and cfg.group_size not in (16, 32, 64, 128, 256):
-        raise ValueError(f"onnx int4: group_size must be a power of two from 16 to 256, got {cfg.group_size}")
+    if bits is not None and cfg.group_size not in (16, 32, 64, 128, 256):
+        raise ValueError(f"onnx int{bits}: group_size must be a power of two from 16 to 256, got {cfg.group_size}")
     require_onnx()
     model, tokenizer = load_model(model_dir)
-    if bits == 4:
+    if bits is not None:
         import torch
 
         from export.quantize import check_group_widths, prepare_4bit  # torch: the exporter's half only
 
-        check_group_widths([m for m in model.modules() if isinstance(m, torch.nn.Linear)], cfg.group_size, "onnx int4")
-        prepared = prepare_4bit(model, tokenizer, cfg)  # source-grid weights stored exactly; gptq
+        check_group_widths([m for m in model.modules() if isinstance(m, torch.nn.Linear)], cfg.group_size, f"onnx int{bits}")
+        prepared = prepare_4bit(model, tokenizer, cfg) if bits == 4 else {}  # source grid kept exactly; gptq
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     report = {"backend": "onnx", "precision": cfg.precision.value, "model_dir": str(model_dir), "seconds": {}}
-    if bits == 4:
+    if bits is not None:
         report.update(prepared)
     clock = time.perf_counter()
     try:
@@ -216,20 +217,19 @@ def trace(model, path: Path, tied_head_rows: bool = True) -> dict:
 
 def quantize(src: Path, dst: Path, precision: Precision, group_size: int = 32,
              method: WeightMethod = WeightMethod.RTN) -> dict:
-    if precision == Precision.INT8:
-        return {"tied_embedding_int8_rows": onnx_graph.quantize_int8(src, dst)["tied"]}
-    stats = onnx_graph.quantize_int4(src, dst, block_size=group_size, method=WeightMethod(method).value)
-    return {"int4_weights": f"{stats['grid']} on torchao's {WeightMethod(method).value} grid", "tied_embedding_int4": stats["tied"]}
+    bits = {Precision.INT8: 8, Precision.INT4: 4}[precision]
+    stats = onnx_graph.quantize_nbits(src, dst, bits, block_size=group_size, method=WeightMethod(method).value)
+    grid = f"torchao's {WeightMethod(method).value} grid" if bits == 4 else "max|w| / 127 per block (Q8_0's grid)"
+    return {f"int{bits}_weights": f"{stats['grid']} on {grid}", f"tied_embedding_int{bits}": stats["tied"]}
 
 
 def unique_weight_bytes(model, precision: Precision = Precision.FP32, group_size: int = 32) -> int:
     """Bytes of every unique parameter stored once at the export precision: the bound.
 
     Each nn.Parameter counts once (by identity: shared blocks and a tied embedding once).
-    fp32: 4 bytes an element. int8: a Linear or embedding weight is 1 byte an element plus
-    its per-tensor scale and zero point (4 + 1 bytes). int4: a Linear weight (out N, in K)
-    is N * ceil(K / group) blocks of group/2 bytes plus one fp32 scale each; an untied
-    input embedding stays fp32. Everything else (norms, biases, a source grid's block sums and
+    fp32: 4 bytes an element. int8 / int4: a Linear weight (out N, in K) is N * ceil(K / group)
+    blocks of group (int8) or group/2 (int4) bytes plus one fp32 scale each; an untied input
+    embedding stays fp32. Everything else (norms, biases, a source grid's block sums and
     offsets: `export.grid`) stays fp32.
     """
     import torch
@@ -238,15 +238,12 @@ def unique_weight_bytes(model, precision: Precision = Precision.FP32, group_size
 
     aux = aux_weights(model)
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m.weight) not in aux}
-    embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    block_bytes = {Precision.INT8: group_size + 4, Precision.INT4: group_size // 2 + 4}.get(Precision(precision))
     total = 0
     for p in {id(p): p for p in model.parameters()}.values():
-        quantizable = p.ndim == 2 and (id(p) in linear or (precision == Precision.INT8 and id(p) in embedding))
-        if precision == Precision.INT8 and quantizable:
-            total += p.numel() + 5
-        elif precision == Precision.INT4 and quantizable:
+        if block_bytes and p.ndim == 2 and id(p) in linear:
             n, k = p.shape
-            total += n * -(-k // group_size) * (group_size // 2 + 4)
+            total += n * -(-k // group_size) * block_bytes
         else:
             total += p.numel() * 4
     return total

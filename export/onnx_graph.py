@@ -8,11 +8,9 @@ Why these passes exist (measured on folded SmolLM2 and tiny Llamas):
     model ORT runs was 1.585x the unique bytes. `pretranspose_weights` stores W^T once and
     lets every MatMul read it directly; the tied embedding reads the same W^T through
     `Gather(axis=1)` + `Transpose`.
-  * int8 (dynamic): ORT prepacks the head's constant W^T_q and the embedding still reads
-    the raw one; `tied_rows_int8` makes the int8 rows the head's unpacked A input.
-  * int4 (MatMulNBits) quantizes the lm_head's W^T but leaves the embedding Gather on
-    the fp32 copy. `share_tied_embedding_int4` makes the embedding dequantize rows of
-    the head's 4-bit tensor and scales instead, so the tied weight is stored once, in 4 bits.
+  * int8 and int4 (MatMulNBits) quantize the lm_head's W^T but leave the embedding Gather
+    on the fp32 copy. `share_tied_embedding` makes the embedding dequantize rows of the
+    head's quantized tensor and scales instead, so the tied weight is stored once.
 
 Everything here works on `onnx_ir.Model`s or paths and imports onnx packages lazily.
 """
@@ -156,98 +154,20 @@ def clean(model) -> None:
 # ----------------------------------------------------------------------------- quantization
 
 
-def quantize_int8(src: Path, dst: Path) -> dict:
-    """Dynamic int8 (per-tensor, symmetric weights) for every MatMul and Gather weight.
-
-    The quantizer caches quantized initializers by name, so the tied W^T read by the
-    lm_head MatMul and the embedding Gather becomes one int8 tensor; `tied_rows_int8`
-    then stores it as rows (see there).
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    import onnx_ir as ir
-
-    raw = Path(dst).with_name(".int8_raw.onnx")
-    with _quiet_root_logger():
-        quantize_dynamic(src, raw, weight_type=QuantType.QInt8, use_external_data_format=True,
-                         op_types_to_quantize=["MatMul", "Gather"])
-    model = ir.load(raw)
-    stats = {"tied": tied_rows_int8(model)}
-    clean(model)
-    save(model, dst)
-    _remove_model_files(raw)
-    return stats
-
-
-def tied_rows_int8(model) -> int:
-    """Store the 8-bit tied weight as rows W_q (V, H) that both of its readers use unpacked.
-
-    After `quantize_dynamic` the tied W^T_q (H, V) is the constant B of the head's
-    MatMulInteger, which ONNX Runtime prepacks into a copy, while the embedding's
-    Gather(axis=1) keeps reading the raw tensor a column at a time (one page per hidden
-    unit per token): the weight was resident twice. Rewritten:
-      embedding  DequantizeLinear(Gather(W_q, ids))                  rows, contiguous
-      head       Transpose(MatMulInteger(W_q, Transpose(x_q)))       W_q is the A input
-    A constant A is not prepacked, so the session holds the mapped W_q once (as fp32 does
-    with `pretranspose_weights(tied_head_rows=True)`). Returns the number of rewrites.
-    """
-    import onnx_ir as ir
-
-    graph = model.graph
-    done = 0
-    for name, wq in list(graph.initializers.items()):
-        if wq.const_value is None or len(wq.shape) != 2 or wq.dtype not in (ir.DataType.INT8, ir.DataType.UINT8):
-            continue
-        uses = [u.node for u in wq.uses()]
-        gathers = [n for n in uses if n.op_type == "Gather" and _axis(n) == 1]
-        heads = [n for n in uses if n.op_type == "MatMulInteger" and n.inputs[1] is wq]
-        if not gathers or len(gathers) + len(heads) != len(uses) or any(_rank(n.inputs[0]) != 3 for n in heads):
-            continue
-        chains = []
-        for gather in gathers:  # Gather(axis=1) -> DequantizeLinear -> Transpose(perm=[1.., 0])
-            dq = [u.node for u in gather.outputs[0].uses()]
-            tr = [u.node for d in dq for u in d.outputs[0].uses()]
-            if len(dq) != 1 or dq[0].op_type != "DequantizeLinear" or len(tr) != 1 or tr[0].op_type != "Transpose":
-                break
-            chains.append((gather, dq[0], tr[0]))
-        else:
-            rows = ir.Value(name=name + ".rows", shape=ir.Shape(wq.shape[::-1]), type=ir.TensorType(wq.dtype),
-                            const_value=ir.tensor(np.ascontiguousarray(wq.const_value.numpy().T), name=name + ".rows"))
-            graph.register_initializer(rows)
-            for gather, dq, tr in chains:
-                g = ir.node("Gather", [rows, gather.inputs[1]], {"axis": 0}, name=f"{gather.name}_rows")
-                d = ir.node("DequantizeLinear", [g.outputs[0], *dq.inputs[1:]], name=f"{dq.name}_rows")
-                d.outputs[0].type, d.outputs[0].shape = tr.outputs[0].type, tr.outputs[0].shape
-                graph.insert_before(gather, [g, d])
-                tr.outputs[0].replace_all_uses_with(d.outputs[0], replace_graph_outputs=True)
-                graph.remove([tr, dq, gather], safe=True)
-            for head in heads:
-                x, _, x_zp, w_zp = (list(head.inputs) + [None, None])[:4]
-                xt = ir.node("Transpose", [x], {"perm": [0, 2, 1]}, name=f"{head.name}_xT")  # (B, H, S)
-                mm = ir.node("MatMulInteger", [rows, xt.outputs[0], w_zp, x_zp], name=f"{head.name}_rows")  # (B, V, S)
-                back = ir.node("Transpose", [mm.outputs[0]], {"perm": [0, 2, 1]}, name=f"{head.name}_back")
-                back.outputs[0].type, back.outputs[0].shape = head.outputs[0].type, head.outputs[0].shape
-                graph.insert_before(head, [xt, mm, back])
-                head.outputs[0].replace_all_uses_with(back.outputs[0], replace_graph_outputs=True)
-                graph.remove(head, safe=True)
-            graph.initializers.pop(name)
-            done += 1
-    return done
-
-
-INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes in int8 (activations quantized per block), as 8da4w does on
-# XNNPACK: a 1536 x 576 matmul takes 0.33x the fp32 path's time at M=1, 0.85x at M=128 on this CPU
+NBITS_ACCURACY_LEVEL = 4  # MatMulNBits computes in int8 (activations quantized per block), as XNNPACK's 8da4w /
+# 8da8w do: a 1536 x 576 matmul at 4 bits takes 0.33x the fp32 path's time at M=1, 0.85x at M=128 on this CPU
 # (AVX-512 VNNI; benchmarks/results/matmulnbits.md)
-
-
 AUX_SUFFIXES = (".sums.weight.T", ".offset.weight.T")  # export.grid.GridLinear's fp32 parts, pretransposed
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int = 32, method: str = "rtn") -> dict:
-    """Weight-only int4: MatMulNBits (symmetric, `block_size`, int8 compute) for every MatMul
-    weight, holding the 4-bit values and scales torchao gives ExecuTorch's 8da4w
-    (`export.quantize.int4_weights`, `method` rtn or hqq), so both backends ship one grid;
-    then the tied embedding reads the lm_head's 4-bit tensor (see `share_tied_embedding_int4`)."""
+def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int = 32, method: str = "rtn") -> dict:
+    """Weight-only MatMulNBits (symmetric blocks of `block_size`, int8 compute) for every MatMul
+    weight, each once, then the tied embedding reads the head's quantized tensor
+    (`share_tied_embedding`). 4 bits: the values and scales torchao gives ExecuTorch's 8da4w
+    (`export.quantize.int4_weights`, `method`), so both backends ship one grid. 8 bits: scale
+    max|w| / 127 per block, as GGUF's Q8_0, so the default model's Q8_0 embedding is stored
+    exactly. (Per-tensor dynamic int8, the earlier ONNX int8, cost the dense model x1.76: its
+    down_proj inputs carry outliers; blocks of 32 bound each block's error by its own range.)"""
     import onnx
     import onnx_ir as ir
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
@@ -257,54 +177,66 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, method: str = "rtn
     aux = [n.name for n in proto.graph.node if n.op_type == "MatMul" and len(n.input) > 1
            and n.input[1].endswith(AUX_SUFFIXES)]  # a source grid's block sums and offsets stay fp32
     quantizer = MatMulNBitsQuantizer(proto, nodes_to_exclude=aux, algo_config=DefaultWeightOnlyQuantConfig(
-        block_size=block_size, is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL))
+        block_size=block_size, is_symmetric=True, accuracy_level=NBITS_ACCURACY_LEVEL, bits=bits))
     with _quiet_root_logger():
         quantizer.process()
     model = ir.from_proto(quantizer.model.model)
-    stats = {"grid": regrid_int4(model, fp32, method), "tied": share_tied_embedding_int4(model)}
+    stats = {"grid": regrid(model, fp32, bits, method), "tied": share_tied_embedding(model, bits)}
     clean(model)
     save(model, dst)
     return stats
 
 
-def regrid_int4(model, fp32: dict, method: str) -> int:
-    """Overwrite each MatMulNBits' 4-bit values and scales with torchao's for the same fp32
-    weight (ONNX Runtime's own symmetric rounding uses max|w| / 8, torchao max|w| / 7.5).
+def _blocks(weight, bits: int, block_size: int, method: str):
+    """(q in [-2^(bits-1), 2^(bits-1) - 1] of shape (N, K), scales (N, K / block_size)) of W (N, K)."""
+    import torch
+
+    if bits == 4:
+        from export.quantize import int4_weights  # torch: only the exporter gets here, never OnnxLM
+
+        q, s = int4_weights(weight, block_size, method)
+        return q.numpy(), s.numpy()
+    w = weight.reshape(weight.shape[0], -1, block_size)
+    s = (w.abs().amax(-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.round(w / s).clamp(-127, 127).to(torch.int8).reshape(weight.shape).numpy(), s.squeeze(-1).numpy()
+
+
+def regrid(model, fp32: dict, bits: int, method: str) -> int:
+    """Overwrite each MatMulNBits' values and scales with ours for the same fp32 weight (see
+    `quantize_nbits`; ONNX Runtime's own symmetric rounding uses max|w| / 2^(bits-1)).
     `fp32`: the source initializers by name. Returns the number of (unique) weights rewritten."""
     import onnx_ir as ir
     import torch
     from onnx import numpy_helper
-
-    from export.quantize import int4_weights  # torch: only the exporter gets here, never OnnxLM
 
     done: set[str] = set()
     for node in model.graph:
         if node.op_type != "MatMulNBits" or node.inputs[1].name in done:  # a shared weight: once
             continue
         bq, scales = node.inputs[1], node.inputs[2]
-        source = fp32.get(bq.name.removesuffix("_Q4"))  # MatMulNBitsQuantizer's naming
+        source = fp32.get(bq.name.removesuffix(f"_Q{bits}"))  # MatMulNBitsQuantizer's naming
         n, k, bs = (node.attributes[a].as_int() for a in ("N", "K", "block_size"))
         if source is None or k % bs:
-            raise RuntimeError(f"{node.name}: no fp32 weight {bq.name.removesuffix('_Q4')!r} whose width {k} splits into blocks of {bs}")
+            raise RuntimeError(f"{node.name}: no fp32 weight {bq.name.removesuffix(f'_Q{bits}')!r} whose width {k} splits into blocks of {bs}")
         w = torch.from_numpy(numpy_helper.to_array(source).T.copy())  # (N, K): W^T was stored
-        q, s = int4_weights(w, bs, method)
-        u = (q.numpy().astype(np.int16) + 8).astype(np.uint8).reshape(n, k // bs, bs // 2, 2)  # zero point 8
-        packed = u[..., 0] | (u[..., 1] << 4)  # low nibble first
-        bq.const_value = ir.tensor(np.ascontiguousarray(packed), name=bq.name)
-        scales.const_value = ir.tensor(s.numpy().astype(np.float32).reshape(scales.shape.numpy() if scales.shape else (n, -1)),
+        q, s = _blocks(w, bits, bs, method)
+        u = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8).reshape(n, k // bs, -1)  # the default zero point
+        packed = u if bits == 8 else u.reshape(n, k // bs, bs // 2, 2)[..., 0] | (u.reshape(n, k // bs, bs // 2, 2)[..., 1] << 4)
+        bq.const_value = ir.tensor(np.ascontiguousarray(packed), name=bq.name)  # 4 bits: low nibble first
+        scales.const_value = ir.tensor(s.astype(np.float32).reshape(scales.shape.numpy() if scales.shape else (n, -1)),
                                        name=scales.name)
         done.add(bq.name)
     return len(done)
 
 
-def share_tied_embedding_int4(model) -> int:
+def share_tied_embedding(model, bits: int) -> int:
     """Make Gather(W^T, ids, axis=1) -> Transpose read the lm_head's MatMulNBits weight.
 
-    MatMulNBits stores W (rows = vocab entries) as B_q[N, K/bs, bs/2] uint8, two 4-bit
-    values per byte (low nibble first, zero point 8 when symmetric) and scales[N, K/bs].
-    The embedding becomes, for ids (B, S):
-      q = Gather(B_q, ids)                        # (B, S, K/bs, bs/2) uint8
-      w = interleave(q & 15, q >> 4) - 8          # (B, S, K/bs, bs)
+    MatMulNBits stores W (rows = vocab entries) as B_q[N, K/bs, bs * bits / 8] uint8 (4 bits:
+    two values a byte, low nibble first; zero point 2^(bits-1) when symmetric) and
+    scales[N, K/bs]. The embedding becomes, for ids (B, S):
+      q = Gather(B_q, ids)                        # (B, S, K/bs, bs * bits / 8) uint8
+      w = interleave(q & 15, q >> 4) - 8          # 4 bits; 8 bits: q - 128; (B, S, K/bs, bs)
       x = w * Gather(scales, ids)[..., None]      # then reshaped to (B, S, K)
     so B_q and the scales are stored once. Returns the number of rewrites.
     """
@@ -319,11 +251,11 @@ def share_tied_embedding_int4(model) -> int:
         users = list(gather.outputs[0].uses())
         if len(users) != 1 or users[0].node.op_type != "Transpose":
             continue
-        head = nbits.get(gather.inputs[0].name + "_Q4")  # MatMulNBitsQuantizer's naming
+        head = nbits.get(gather.inputs[0].name + f"_Q{bits}")  # MatMulNBitsQuantizer's naming
         if head is None:
             continue
         if len(head.inputs) > 3 and head.inputs[3] is not None:
-            raise RuntimeError(f"{head.name}: asymmetric int4 (zero points) is not supported for the tied embedding")
+            raise RuntimeError(f"{head.name}: asymmetric blocks (zero points) are not supported for the tied embedding")
         transpose, ids = users[0].node, gather.inputs[1]
         bq, scales = head.inputs[1], head.inputs[2]
         n_out, k = head.attributes["N"].as_int(), head.attributes["K"].as_int()
@@ -345,11 +277,12 @@ def share_tied_embedding_int4(model) -> int:
             return nodes[-1].outputs[0]
 
         last = const("last_axis", np.array([-1], np.int64))
-        q = op("Gather", [bq, ids], axis=0)  # (B, S, nb, bs/2)
-        lo = op("Unsqueeze", [op("BitwiseAnd", [q, const("low_mask", np.array(15, np.uint8))]), last])
-        hi = op("Unsqueeze", [op("BitShift", [q, const("shift", np.array(4, np.uint8))], direction="RIGHT"), last])
-        w = op("Cast", [op("Concat", [lo, hi], axis=-1)], to=ir.DataType.FLOAT)  # (B, S, nb, bs/2, 2)
-        w = op("Reshape", [op("Sub", [w, const("zero_point", np.array(8, np.float32))]),
+        q = op("Gather", [bq, ids], axis=0)  # (B, S, nb, bs * bits / 8)
+        if bits == 4:
+            lo = op("Unsqueeze", [op("BitwiseAnd", [q, const("low_mask", np.array(15, np.uint8))]), last])
+            hi = op("Unsqueeze", [op("BitShift", [q, const("shift", np.array(4, np.uint8))], direction="RIGHT"), last])
+            q = op("Concat", [lo, hi], axis=-1)  # (B, S, nb, bs/2, 2)
+        w = op("Reshape", [op("Sub", [op("Cast", [q], to=ir.DataType.FLOAT), const("zero_point", np.array(1 << (bits - 1), np.float32))]),
                            const("block_shape", np.array([0, 0, n_blocks, bs], np.int64))])
         s = op("Unsqueeze", [op("Gather", [scales, ids], axis=0), last])  # (B, S, nb, 1)
         x = op("Reshape", [op("Mul", [w, s]), const("row_shape", np.array([0, 0, n_blocks * bs], np.int64))])

@@ -41,12 +41,13 @@ from runtime_tests.memory import artifact_bytes, weight_bytes, weights_check
 from runtime_tests.profiles import DEFAULT_PROFILE, check_cores, load_profile
 
 MB = 1 << 20
-# stored bytes per weight at an export precision (int4: 4 bits + one fp32 scale per 32;
+# stored bytes per weight at an export precision (int8: 1 byte, ONNX's fp32 scale per 32 adds 1/8;
+# int4: 4 bits + one fp32 scale per 32;
 # GGUF q4_1: 4 bits + fp16 scale and minimum per 32). A "+emb8"/"+emb4" suffix (embedding
 # quantized too) is read by its base precision: the roofline counts the blocks' weights.
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.625, "8da4w": 0.625, "q4_1": 0.625}
 # precisions whose matmuls run in int8 (dynamic 8-bit activations): XNNPACK's 8da4w / 8da8w, ONNX
-# MatMulNBits at accuracy level 4 and dynamic int8, llama.cpp's Q4_1 x Q8_1 dot products
+# MatMulNBits (8- and 4-bit) at accuracy level 4, llama.cpp's Q4_1 x Q8_1 dot products
 INT8_COMPUTE = {"int8", "int4", "8da4w", "q4_1"}
 
 

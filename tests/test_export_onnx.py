@@ -255,40 +255,28 @@ def test_optimum_cli_export_foldgpt_is_foldgpt_export(folded, tmp_path):
 
 
 def test_int8_shared_weights_quantized_once(int8, folded):
-    out, report = int8
-    model = folded[1]
-    arrays = initializers(out / "model.onnx")
-    tied = model.model.embed_tokens.weight
-    matrices = {id(p): p for p in model.parameters() if p.ndim == 2}  # linear weights + the tied embedding, once
-    quantized = [a for a in arrays.values() if a.dtype in (np.int8, np.uint8) and a.ndim == 2]  # tied: uint8
-    # Linear weights stored as W^T (MatMul's B); the tied weight as rows (see the next test)
-    assert sorted(a.shape for a in quantized) == sorted(tuple(p.shape if p is tied else p.shape[::-1])
-                                                        for p in matrices.values())
-    assert not [n for n, a in arrays.items() if a.dtype == np.float32 and a.ndim == 2]
-    assert report["initializers"]["bytes"] - report["unique_weight_bytes"] < 1024
-    assert report["unique_weight_bytes"] == unique_weight_bytes(model, Precision.INT8)
-    assert report["parity"]["passed"] and report["parity"]["kind"] == "perplexity"
-    assert abs(report["parity"]["details"]["ppl_ratio"] - 1) < 0.05
-
-
-def test_int8_tied_weight_is_rows_read_unpacked(int8, folded):
-    """The 8-bit tied weight is the head's MatMulInteger A input (ORT prepacks only a
-    constant B) and the embedding gathers its rows; the logits match the model's."""
+    """8-bit MatMulNBits blocks: each shared weight's bytes once (the tied one read by the head
+    and by the embedding's gather), Q8_0's grid (max|w| / 127 per block of 32)."""
     import onnx_ir as ir
 
     out, report = int8
-    assert report["graph_passes"]["tied_embedding_int8_rows"] == 1
+    model = folded[1]
     graph = ir.load(out / "model.onnx").graph
-    vocab, hidden = folded[1].model.embed_tokens.weight.shape
-    rows = [v for v in graph.initializers.values() if list(v.shape) == [vocab, hidden]]
-    assert len(rows) == 1
-    uses = {(u.node.op_type, u.idx, _axis_of(u.node)) for u in rows[0].uses()}
-    assert uses == {("Gather", 0, 0), ("MatMulInteger", 0, None)}
-    assert not [n for n in graph if n.op_type == "MatMulInteger" and list(n.inputs[1].shape or []) == [hidden, vocab]]
-
-
-def _axis_of(node):
-    return node.attributes["axis"].as_int() if node.op_type == "Gather" else None
+    nbits = [n for n in graph if n.op_type == "MatMulNBits"]
+    assert {n.attributes["bits"].as_int() for n in nbits} == {8}
+    matrices = [p for p in {id(p): p for p in model.parameters()}.values() if p.ndim == 2]
+    assert len({n.inputs[1].name for n in nbits}) == len(matrices) < len(nbits)
+    arrays = initializers(out / "model.onnx")
+    assert not [n for n, a in arrays.items() if a.dtype == np.float32 and a.ndim == 2 and a.size >= 32 * 32]
+    for n in nbits:
+        bq, scales = n.inputs[1].const_value.numpy(), n.inputs[2].const_value.numpy()
+        q = bq.astype(np.int16) - 128
+        peak = np.abs(q).max(-1)
+        assert np.all((peak == 127) | (peak == 0)) and peak.shape == scales.shape  # each block's max at 127 (or all zero)
+    assert report["initializers"]["bytes"] - report["unique_weight_bytes"] < 1024
+    assert report["unique_weight_bytes"] == unique_weight_bytes(model, Precision.INT8)
+    assert report["parity"]["passed"] and report["parity"]["kind"] == "perplexity"
+    assert abs(report["parity"]["details"]["ppl_ratio"] - 1) < 0.01
 
 
 def test_session_releases_the_mapped_weight_pages(tmp_path):
@@ -331,21 +319,25 @@ def test_int4_shared_weights_quantized_once(int4, folded):
     assert report["parity"]["passed"] and abs(report["parity"]["details"]["ppl_ratio"] - 1) < 0.05
 
 
-def test_int4_tied_embedding_reads_the_head_weight(int4, folded, tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tied_embedding_reads_the_head_weight(bits, int4, int8, folded, tmp_path):
     """The embedding rows the graph computes equal an independent dequantization of the
-    head's MatMulNBits tensor (low nibble first, zero point 8), which is the fp32 embedding
-    to within one quantization step."""
+    head's MatMulNBits tensor (4 bits: low nibble first, zero point 8; 8 bits: zero point 128),
+    which is the fp32 embedding to within one quantization step."""
     import onnx_ir as ir
     import onnxruntime as ort
 
-    out, _ = int4
+    out, _ = {4: int4, 8: int8}[bits]
     w = folded[1].model.embed_tokens.weight.detach().numpy()  # (V, H)
     model = ir.load(out / "model.onnx")
     head = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.attributes["N"].as_int() == w.shape[0])
-    bq, scales = head.inputs[1].const_value.numpy(), head.inputs[2].const_value.numpy()  # (V, nb, 16) u8, (V, nb)
+    bq, scales = head.inputs[1].const_value.numpy(), head.inputs[2].const_value.numpy()  # (V, nb, 32 bits / 8) u8, (V, nb)
     assert {u.node.op_type for u in head.inputs[1].uses()} == {"MatMulNBits", "Gather"}
-    nib = np.stack([bq & 15, bq >> 4], -1).reshape(w.shape[0], bq.shape[1], -1).astype(np.float32) - 8
-    deq = (nib * scales[..., None]).reshape(w.shape[0], -1)[:, : w.shape[1]]
+    if bits == 4:
+        q = np.stack([bq & 15, bq >> 4], -1).reshape(w.shape[0], bq.shape[1], -1).astype(np.float32) - 8
+    else:
+        q = bq.astype(np.float32) - 128
+    deq = (q * scales[..., None]).reshape(w.shape[0], -1)[:, : w.shape[1]]
     step = np.repeat(np.abs(scales), 32, axis=1)[:, : w.shape[1]]  # ORT's symmetric scales may be negative
     assert np.all(np.abs(deq - w) <= step + 1e-6)  # within one step (the range end is clipped to 7)
     assert np.abs(deq - w).mean() < 0.3 * step.mean()
@@ -440,7 +432,7 @@ def test_unique_weight_bytes_definition(folded):
     model = folded[1]
     matrices = [p for p in {id(p): p for p in model.parameters()}.values() if p.ndim == 2]
     other = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values() if p.ndim != 2)
-    assert unique_weight_bytes(model, Precision.INT8) == other + sum(p.numel() + 5 for p in matrices)
+    assert unique_weight_bytes(model, Precision.INT8) == other + sum(p.numel() + p.numel() // 32 * 4 for p in matrices)
     assert unique_weight_bytes(model, Precision.INT4) == other + sum(p.numel() // 2 + p.numel() // 32 * 4 for p in matrices)
 
 
