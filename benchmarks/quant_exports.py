@@ -34,11 +34,11 @@ from common import RESULTS, WIKI, WORK, require_dev
 OUT = WORK / "quant_exports"
 WINDOW = 512
 # (model, backend, precision, 4-bit method), in the order they run: what the targets need first
-PLAN = (("dense", "executorch", "8da4w+emb8", "rtn"), ("dense", "onnx", "int4", "rtn"), ("dense", "onnx", "int8", "rtn"),
-        ("dense", "executorch", "int8+emb8", "rtn"),
+PLAN = (("dense", "executorch", "8da4w+emb8", "rtn"), ("dense", "onnx", "int4", "rtn"), ("dense", "onnx", "int4+emb8", "rtn"),
+        ("dense", "onnx", "int8", "rtn"), ("dense", "executorch", "int8+emb8", "rtn"),
         ("fold", "executorch", "8da4w+emb8", "rtn"), ("fold", "executorch", "8da4w+emb8", "gptq"),
-        ("fold", "onnx", "int4", "rtn"), ("fold", "onnx", "int4", "gptq"), ("fold", "onnx", "int8", "rtn"),
-        ("fold", "executorch", "int8+emb8", "rtn"),
+        ("fold", "onnx", "int4+emb8", "rtn"), ("fold", "onnx", "int4+emb8", "gptq"), ("fold", "onnx", "int8", "rtn"),
+        ("fold", "executorch", "int8+emb8", "rtn"), ("fold", "onnx", "int4", "rtn"),
         ("dense-nogrid", "executorch", "8da4w+emb8", "rtn"), ("dense-nogrid", "onnx", "int4", "rtn"),
         ("dense", "executorch", "8da4w", "rtn"), ("fold", "executorch", "8da4w", "rtn"))
 CONTROL_EXPORTS = (("executorch", "8da4w+emb8"), ("onnx", "int4"))  # the grid's before / after, paired

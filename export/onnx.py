@@ -75,9 +75,9 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
     out = check_paths(model_dir, out, Kind.ONNX, cfg.overwrite)
     BACKEND.check(cfg)
     bits = {Precision.INT8: 8, Precision.INT4: 4}.get(cfg.precision)
-    if cfg.embedding_bits not in (None, bits):
-        raise ValueError(f"onnx: the tied embedding is quantized with the head ({cfg.precision.value}); "
-                         f"embedding_bits={cfg.embedding_bits} is not supported")
+    if cfg.embedding_bits not in (None, bits) and (bits, cfg.embedding_bits) != (4, 8):
+        raise ValueError(f"onnx: the tied embedding is quantized with the head ({cfg.precision.value}, or 8 bits "
+                         f"beside int4: int4+emb8); embedding_bits={cfg.embedding_bits} is not supported")
     if bits is not None and cfg.group_size not in (16, 32, 64, 128, 256):
         raise ValueError(f"onnx int{bits}: group_size must be a power of two from 16 to 256, got {cfg.group_size}")
     require_onnx()
@@ -102,11 +102,12 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
         report["graph_passes"] = trace(model, fp32_path, tied_head_rows=bits is None)
         report["seconds"]["trace"] = round(time.perf_counter() - clock, 1)
         if bits is not None:
-            report["graph_passes"].update(quantize(fp32_path, path, cfg.precision, cfg.group_size, cfg.weight_method))
+            report["graph_passes"].update(quantize(fp32_path, path, cfg.precision, cfg.group_size, cfg.weight_method,
+                                                   cfg.embedding_bits))
             shutil.rmtree(fp32_path.parent)
         package(stage, model.config, tokenizer, cfg)
         report["seconds"]["quantize_package"] = round(time.perf_counter() - clock - report["seconds"]["trace"], 1)
-        report["unique_weight_bytes"] = unique_weight_bytes(model, cfg.precision, cfg.group_size)
+        report["unique_weight_bytes"] = unique_weight_bytes(model, cfg.precision, cfg.group_size, cfg.embedding_bits)
         report["initializers"] = onnx_graph.initializer_stats(path)
         if cfg.parity:
             clock = time.perf_counter()
@@ -216,14 +217,16 @@ def trace(model, path: Path, tied_head_rows: bool = True) -> dict:
 
 
 def quantize(src: Path, dst: Path, precision: Precision, group_size: int = 32,
-             method: WeightMethod = WeightMethod.RTN) -> dict:
+             method: WeightMethod = WeightMethod.RTN, embedding_bits: int | None = None) -> dict:
     bits = {Precision.INT8: 8, Precision.INT4: 4}[precision]
-    stats = onnx_graph.quantize_nbits(src, dst, bits, block_size=group_size, method=WeightMethod(method).value)
+    stats = onnx_graph.quantize_nbits(src, dst, bits, block_size=group_size, method=WeightMethod(method).value,
+                                      head_bits=embedding_bits)
     grid = f"torchao's {WeightMethod(method).value} grid" if bits == 4 else "max|w| / 127 per block (Q8_0's grid)"
     return {f"int{bits}_weights": f"{stats['grid']} on {grid}", f"tied_embedding_int{bits}": stats["tied"]}
 
 
-def unique_weight_bytes(model, precision: Precision = Precision.FP32, group_size: int = 32) -> int:
+def unique_weight_bytes(model, precision: Precision = Precision.FP32, group_size: int = 32,
+                        embedding_bits: int | None = None) -> int:
     """Bytes of every unique parameter stored once at the export precision: the bound.
 
     Each nn.Parameter counts once (by identity: shared blocks and a tied embedding once).
@@ -239,11 +242,13 @@ def unique_weight_bytes(model, precision: Precision = Precision.FP32, group_size
     aux = aux_weights(model)
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m.weight) not in aux}
     block_bytes = {Precision.INT8: group_size + 4, Precision.INT4: group_size // 2 + 4}.get(Precision(precision))
+    head = model.get_output_embeddings()
+    head_bytes = group_size + 4 if embedding_bits == 8 and block_bytes else block_bytes  # int4+emb8: an 8-bit head
     total = 0
     for p in {id(p): p for p in model.parameters()}.values():
         if block_bytes and p.ndim == 2 and id(p) in linear:
             n, k = p.shape
-            total += n * -(-k // group_size) * block_bytes
+            total += n * -(-k // group_size) * (head_bytes if head is not None and p is head.weight else block_bytes)
         else:
             total += p.numel() * 4
     return total

@@ -160,14 +160,16 @@ NBITS_ACCURACY_LEVEL = 4  # MatMulNBits computes in int8 (activations quantized 
 AUX_SUFFIXES = (".sums.weight.T", ".offset.weight.T")  # export.grid.GridLinear's fp32 parts, pretransposed
 
 
-def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int = 32, method: str = "rtn") -> dict:
+def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int = 32, method: str = "rtn",
+                   head_bits: int | None = None) -> dict:
     """Weight-only MatMulNBits (symmetric blocks of `block_size`, int8 compute) for every MatMul
     weight, each once, then the tied embedding reads the head's quantized tensor
     (`share_tied_embedding`). 4 bits: the values and scales torchao gives ExecuTorch's 8da4w
     (`export.quantize.int4_weights`, `method`), so both backends ship one grid. 8 bits: scale
     max|w| / 127 per block, as GGUF's Q8_0, so the default model's Q8_0 embedding is stored
     exactly. (Per-tensor dynamic int8, the earlier ONNX int8, cost the dense model x1.76: its
-    down_proj inputs carry outliers; blocks of 32 bound each block's error by its own range.)"""
+    down_proj inputs carry outliers; blocks of 32 bound each block's error by its own range.)
+    `head_bits`: the tied head (and so the embedding) at other bits than the rest (int4+emb8)."""
     import onnx
     import onnx_ir as ir
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
@@ -176,12 +178,18 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int = 32, method
     fp32 = {t.name: t for t in proto.graph.initializer}
     aux = [n.name for n in proto.graph.node if n.op_type == "MatMul" and len(n.input) > 1
            and n.input[1].endswith(AUX_SUFFIXES)]  # a source grid's block sums and offsets stay fp32
-    quantizer = MatMulNBitsQuantizer(proto, nodes_to_exclude=aux, algo_config=DefaultWeightOnlyQuantConfig(
-        block_size=block_size, is_symmetric=True, accuracy_level=NBITS_ACCURACY_LEVEL, bits=bits))
-    with _quiet_root_logger():
-        quantizer.process()
-    model = ir.from_proto(quantizer.model.model)
-    stats = {"grid": regrid(model, fp32, bits, method), "tied": share_tied_embedding(model, bits)}
+    gathered = {n.input[0] for n in proto.graph.node if n.op_type == "Gather"}
+    heads = [n.name for n in proto.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in gathered]
+    passes = [(bits, aux)] if head_bits in (None, bits) else [
+        (head_bits, [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in heads]), (bits, aux)]
+    for b, exclude in passes:  # the head first when it takes its own bits; the second pass sees it done
+        quantizer = MatMulNBitsQuantizer(proto, nodes_to_exclude=exclude, algo_config=DefaultWeightOnlyQuantConfig(
+            block_size=block_size, is_symmetric=True, accuracy_level=NBITS_ACCURACY_LEVEL, bits=b))
+        with _quiet_root_logger():
+            quantizer.process()
+        proto = quantizer.model.model
+    model = ir.from_proto(proto)
+    stats = {"grid": regrid(model, fp32, method), "tied": share_tied_embedding(model)}
     clean(model)
     save(model, dst)
     return stats
@@ -201,7 +209,7 @@ def _blocks(weight, bits: int, block_size: int, method: str):
     return torch.round(w / s).clamp(-127, 127).to(torch.int8).reshape(weight.shape).numpy(), s.squeeze(-1).numpy()
 
 
-def regrid(model, fp32: dict, bits: int, method: str) -> int:
+def regrid(model, fp32: dict, method: str) -> int:
     """Overwrite each MatMulNBits' values and scales with ours for the same fp32 weight (see
     `quantize_nbits`; ONNX Runtime's own symmetric rounding uses max|w| / 2^(bits-1)).
     `fp32`: the source initializers by name. Returns the number of (unique) weights rewritten."""
@@ -213,7 +221,7 @@ def regrid(model, fp32: dict, bits: int, method: str) -> int:
     for node in model.graph:
         if node.op_type != "MatMulNBits" or node.inputs[1].name in done:  # a shared weight: once
             continue
-        bq, scales = node.inputs[1], node.inputs[2]
+        bq, scales, bits = node.inputs[1], node.inputs[2], node.attributes["bits"].as_int()
         source = fp32.get(bq.name.removesuffix(f"_Q{bits}"))  # MatMulNBitsQuantizer's naming
         n, k, bs = (node.attributes[a].as_int() for a in ("N", "K", "block_size"))
         if source is None or k % bs:
@@ -229,7 +237,7 @@ def regrid(model, fp32: dict, bits: int, method: str) -> int:
     return len(done)
 
 
-def share_tied_embedding(model, bits: int) -> int:
+def share_tied_embedding(model) -> int:
     """Make Gather(W^T, ids, axis=1) -> Transpose read the lm_head's MatMulNBits weight.
 
     MatMulNBits stores W (rows = vocab entries) as B_q[N, K/bs, bs * bits / 8] uint8 (4 bits:
@@ -251,9 +259,10 @@ def share_tied_embedding(model, bits: int) -> int:
         users = list(gather.outputs[0].uses())
         if len(users) != 1 or users[0].node.op_type != "Transpose":
             continue
-        head = nbits.get(gather.inputs[0].name + f"_Q{bits}")  # MatMulNBitsQuantizer's naming
+        head = nbits.get(gather.inputs[0].name + "_Q4") or nbits.get(gather.inputs[0].name + "_Q8")  # the quantizer's naming
         if head is None:
             continue
+        bits = head.attributes["bits"].as_int()
         if len(head.inputs) > 3 and head.inputs[3] is not None:
             raise RuntimeError(f"{head.name}: asymmetric blocks (zero points) are not supported for the tied embedding")
         transpose, ids = users[0].node, gather.inputs[1]

@@ -501,9 +501,30 @@ def test_out_inside_model_dir_is_rejected(folded):
 def test_unsupported_precision_and_embedding_bits(folded, tmp_path):
     with pytest.raises(ValueError, match="onnx backend exports fp32, int8, int4, not 8da4w"):
         export_onnx(folded[0], tmp_path / "out", ExportConfig(precision="8da4w"))
-    with pytest.raises(ValueError, match="embedding_bits"):
-        export_onnx(folded[0], tmp_path / "out", ExportConfig(precision="int4", embedding_bits=8))
+    with pytest.raises(ValueError, match="embedding_bits=4 is not supported"):
+        export_onnx(folded[0], tmp_path / "out", ExportConfig(precision="int8", embedding_bits=4))
     assert not (tmp_path / "out").exists()
+
+
+def test_int4_with_an_8bit_head(folded, tmp_path):
+    """int4+emb8: decoder weights 4-bit, the tied head 8-bit (Q8_0's grid), and the embedding
+    gathers the head's 8-bit rows: stored once, within one 8-bit step of fp32."""
+    import onnx_ir as ir
+
+    model = folded[1]
+    report = export_onnx(folded[0], tmp_path / "out", ExportConfig.from_spec("int4+emb8"), measure=False)
+    graph = ir.load(tmp_path / "out" / "model.onnx").graph
+    vocab = model.model.embed_tokens.weight.shape[0]
+    bits = {n.attributes["N"].as_int() == vocab: n.attributes["bits"].as_int() for n in graph if n.op_type == "MatMulNBits"}
+    assert bits == {True: 8, False: 4}
+    head = next(n for n in graph if n.op_type == "MatMulNBits" and n.attributes["N"].as_int() == vocab)
+    assert {u.node.op_type for u in head.inputs[1].uses()} == {"MatMulNBits", "Gather"}
+    assert report["graph_passes"]["tied_embedding_int4"] == 1
+    assert report["unique_weight_bytes"] == unique_weight_bytes(model, Precision.INT4, 32, 8)
+    hidden = model.model.embed_tokens.weight.shape[1]  # 8 bits: 16 more bytes a block of 32
+    assert unique_weight_bytes(model, Precision.INT4, 32, 8) - unique_weight_bytes(model, Precision.INT4) == vocab * hidden // 32 * 16
+    assert report["initializers"]["bytes"] - report["unique_weight_bytes"] < 1024
+    assert report["parity"]["passed"]
 
 
 @torch.library.custom_op("foldgpt_test::mystery", mutates_args=())

@@ -184,3 +184,16 @@ class _Three(nn.Module):
 
     def forward(self, x):
         return self.q(x), self.k(x), self.v(x)
+
+
+@pytest.mark.slow
+def test_default_model_int4_keeps_its_gguf_grid(default_model, tmp_path):
+    """The real default model, unmodified: all 210 decoder weights (Q4_1 in its GGUF) export to
+    ONNX int4 exactly, and the gate (held-out prose, default bound x1.10) passes."""
+    from export.onnx import export_onnx
+
+    model, tok = default_model
+    path = save_folded(model, tmp_path / "dense", tok, provenance={"source": "default"})
+    report = export_onnx(path, tmp_path / "onnx", ExportConfig(precision="int4"), measure=False)
+    assert report["source_grid_weights"] == 30 * 7
+    assert report["parity"]["passed"] and report["parity"]["details"]["max_ppl_ratio"] == 1.10, report["parity"]["reason"]
