@@ -109,7 +109,7 @@ def factory(backend: str, path: Path, threads: int):
     if backend == "onnx":
         from export.onnx import OnnxLM
 
-        return OnnxLM(path, threads).steps
+        return OnnxLM(Path(path) / "model.onnx", threads).steps  # the export's folder is its artifact
     from runtime_tests.runtimes import LlamaCppRunner
 
     lm = LlamaCppRunner(path, threads=threads, n_ctx=WINDOW + 8)
