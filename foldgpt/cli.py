@@ -169,10 +169,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from export.registry import ExportConfig, get_backend
+    from export.registry import ExportConfig, get_backend, split_precision
 
     backend = get_backend(args.backend)
-    cfg = ExportConfig(precision=args.precision, max_context=args.max_context, embedding_bits=args.embedding_bits,
+    precision, spec_bits = split_precision(args.precision)  # "int4+emb8" = --precision int4 --embedding-bits 8
+    cfg = ExportConfig(precision=precision, max_context=args.max_context, embedding_bits=args.embedding_bits or spec_bits,
                        weight_method=args.weight_method, parity=not args.no_parity, overwrite=args.overwrite,
                        max_ppl_ratio=args.max_ppl_ratio, gate_text=args.gate_text, calibration=args.calibration)
     report = backend.export(args.model_dir, args.out, cfg)
@@ -185,7 +186,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("backend", help="onnx or executorch")
     p.add_argument("model_dir")
     p.add_argument("--out", required=True, help="output directory (onnx) or .pte file (executorch)")
-    p.add_argument("--precision", default="fp32", help="fp32, int8, int4 (onnx) or 8da4w (executorch)")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32, int8, int4 or int4+emb8 (onnx: 8-bit tied head/embedding), or 8da4w[+emb8] (executorch)")
     p.add_argument("--max-context", type=int, default=512, help="KV-cache length for static-cache backends")
     p.add_argument("--embedding-bits", type=int, default=None, help="executorch: quantize the tied embedding and head to 8 bits (one tensor; 4 is refused: stored twice)")
     p.add_argument("--weight-method", default="rtn",
@@ -386,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="4: heal through the 4-bit exports' rounding (compress/qat.py), for a fold shipped in 4 bits")
     p.add_argument("--profile", default=None, help="phone profile for the harnesses")
     p.add_argument("--exports", default=None,
-                   help="BACKEND:PRECISION list (default: onnx:fp32,onnx:int4,executorch:8da4w+emb8), e.g. executorch:fp32")
+                   help="BACKEND:PRECISION list (default: onnx:fp32,onnx:int4+emb8,executorch:8da4w+emb8), e.g. executorch:fp32")
     p.add_argument("--weight-method", default="gptq", help="the 4-bit exports' rounding: gptq (on the calibration text), rtn or hqq")
     p.add_argument("--max-ppl-ratio", type=float, default=None,
                    help="the exports' gate: refuse one above this perplexity ratio to fp32 (default 1.02 for 8-bit, 1.10 for 4-bit)")

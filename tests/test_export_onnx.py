@@ -577,6 +577,13 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("foldgpt export: error:") and "\n" not in err
     assert main(["generate", "--backend", "onnx", str(tmp_path), "--prompt", "x"]) == 2
+    capsys.readouterr()
+    for flags, message in ((["--precision", "int4+emb8", "--max-ppl-ratio", "0.5"], "must be at least 1, got 0.5"),
+                           (["--precision", "int4", "--weight-method", "awq"], "unknown weight method 'awq'"),
+                           (["--precision", "int4", "--weight-method", "gptq"], "pass calibration")):
+        assert main(["export", "onnx", str(tmp_path), "--out", str(tmp_path / "out"), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
 
 
 # ----------------------------------------------------------------------------- the real model
