@@ -10,8 +10,8 @@ quantized precision of both backends with the parity gate off (this measures wha
 would), and its perplexity on WikiText-2 validation (dev file, measurement only; nothing
 is chosen on it) is computed through the runtime itself, in disjoint 512-token windows,
 against the fp32 model in torch on the same windows (the fp32 exports equal it within the
-gate's 1e-3 logits). llama.cpp runs the GGUF itself. Decode ms/token: paired, grid against
-control, alternating rounds in one process per runtime.
+gate's 1e-3 logits). llama.cpp runs the GGUF itself. Decode ms/token: paired (DECODE_PAIRS),
+alternating rounds in one process per runtime.
 
 Writes benchmarks/results/quant_exports.{json,md,png}; exports and scores are kept under
 benchmarks/work/quant_exports/ and reused, so a rerun resumes.
@@ -40,8 +40,8 @@ PLAN = (("dense", "executorch", "8da4w+emb8", "rtn"), ("dense", "onnx", "int4", 
         ("fold", "onnx", "int4+emb8", "rtn"), ("fold", "onnx", "int4+emb8", "gptq"), ("fold", "onnx", "int8", "rtn"),
         ("fold", "executorch", "int8+emb8", "rtn"), ("fold", "onnx", "int4", "rtn"),
         ("dense-nogrid", "executorch", "8da4w+emb8", "rtn"), ("dense-nogrid", "onnx", "int4", "rtn"),
+        "decode",  # the paired decode timing, once its artifacts exist
         ("dense", "executorch", "8da4w", "rtn"), ("fold", "executorch", "8da4w", "rtn"))
-CONTROL_EXPORTS = (("executorch", "8da4w+emb8"), ("onnx", "int4"))  # the grid's before / after, paired
 
 
 def windows(tokenizer, tokens: int) -> list[list[int]]:
@@ -185,7 +185,13 @@ def main() -> None:
         ppl = scored("dense/llamacpp:q4_1", lambda: factory("llamacpp", default_gguf(), args.threads), wins["dense"])
         rows.append({"model": "dense", "runtime": "llamacpp", "precision": "q4_1", "method": "-", "ppl": ppl,
                      "x_fp32": ppl / fp32["dense"], "mib": default_gguf().stat().st_size / 2**20})
-    for name, backend, precision, method in PLAN:
+    speed = {}
+    for item in PLAN:
+        if item == "decode":
+            speed = decode_speed(srcs)
+            write(rows, speed, args)
+            continue
+        name, backend, precision, method = item
         print(f"-- {name} {backend} {precision} {method}", flush=True)
         path = export(name, srcs[name], backend, precision, method)
         suffix = "" if method == "rtn" else f"/{method}"
@@ -195,13 +201,25 @@ def main() -> None:
         rows.append({"model": name, "runtime": backend, "precision": precision, "method": method, "ppl": ppl,
                      "x_fp32": ppl / fp32[name], "mib": sum(f.stat().st_size for f in files if f.exists()) / 2**20,
                      "grid_weights": report.get("source_grid_weights", 0)})
-        write(rows, {}, args)  # as it goes: a long run leaves its rows so far
+        write(rows, speed, args)  # as it goes: a long run leaves its rows so far
+
+
+# decode pairs (label, backend, (model, precision) now, (model, precision) before): the grid at one
+# precision, and the new default ONNX export against the old one
+DECODE_PAIRS = (("executorch 8da4w+emb8: grid / no grid", "executorch", ("dense", "8da4w+emb8"), ("dense-nogrid", "8da4w+emb8")),
+                ("onnx int4: grid / no grid", "onnx", ("dense", "int4"), ("dense-nogrid", "int4")),
+                ("onnx int4+emb8 with grid / int4 without (the old default)", "onnx", ("dense", "int4+emb8"), ("dense-nogrid", "int4")))
+
+
+def decode_speed(srcs: dict[str, Path]) -> dict:
+    """Decode ms/token of each pair's two artifacts, paired; speed x = before / now."""
     speed = {}
-    for backend, precision in CONTROL_EXPORTS:
-        ms = decode_ms(backend, {n: export(n, srcs[n], backend, precision) for n in ("dense", "dense-nogrid")})
-        speed[f"{backend}:{precision}"] = {**{k: round(v, 3) for k, v in ms.items()}, "grid_speed_x": round(ms["dense-nogrid"] / ms["dense"], 3)}
-        print(f"  decode {backend}:{precision}: {speed[f'{backend}:{precision}']}", flush=True)
-    write(rows, speed, args)
+    for label, backend, now, before in DECODE_PAIRS:
+        paths = {"now": export(now[0], srcs[now[0]], backend, now[1]), "before": export(before[0], srcs[before[0]], backend, before[1])}
+        ms = decode_ms(backend, paths)
+        speed[label] = {"now_ms": round(ms["now"], 3), "before_ms": round(ms["before"], 3), "speed_x": round(ms["before"] / ms["now"], 3)}
+        print(f"  decode {label}: {speed[label]}", flush=True)
+    return speed
 
 
 def write(rows: list[dict], speed: dict, args) -> None:
@@ -227,8 +245,8 @@ def write(rows: list[dict], speed: dict, args) -> None:
               f"{r.get('grid_weights', '-')} |" for r in rows]
     if speed:
         lines += ["", "Decode, dense, 1 thread, median ms/token of 64 steps over 5 alternating rounds (paired):", "",
-                  "| runtime:precision | grid ms/token | no-grid ms/token | grid speed x no-grid |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['dense']} | {v['dense-nogrid']} | {v['grid_speed_x']} |" for k, v in speed.items()]
+                  "| pair (now / before) | now ms/token | before ms/token | speed x before |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['now_ms']} | {v['before_ms']} | {v['speed_x']} |" for k, v in speed.items()]
     (RESULTS / "quant_exports.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     fig, ax = plt.subplots(figsize=(7, 4.5))
