@@ -61,6 +61,8 @@ def test_run_makes_every_stage_and_resumes(tmp_path, source, monkeypatch):
     assert quality["folded"]["unique_blocks"] == 2 and quality["folded"]["unique_bytes"] < quality["dense"]["unique_bytes"]
     assert quality["folded"]["perplexity"] != quality["dense"]["perplexity"] and quality["dense"]["perplexity"] > 1
     assert json.loads((run / "quality.json").read_text()) == quality
+    texts = {f.name: f.read_text() for f in (run / "texts").iterdir()}  # the exports' gate and gptq texts
+    assert sorted(texts) == ["calibration.txt", "held_out.txt"] and all(texts.values())
 
     import compress.recipe as recipe
     import export.onnx as onnx
