@@ -200,7 +200,7 @@ def main() -> None:
         files = [path, path.with_suffix(".ptd")] if backend == "executorch" else list(path.glob("model.onnx*"))
         rows.append({"model": name, "runtime": backend, "precision": precision, "method": method, "ppl": ppl,
                      "x_fp32": ppl / fp32[name], "mib": sum(f.stat().st_size for f in files if f.exists()) / 2**20,
-                     "grid_weights": report.get("source_grid_weights", 0)})
+                     "grid_weights": report.get("source_grid_weights", "-")})  # 4-bit exports only
         write(rows, speed, args)  # as it goes: a long run leaves its rows so far
 
 

@@ -88,6 +88,8 @@ def gptq_(model: nn.Module, windows: Sequence[Sequence[int]], group_size: int = 
         if isinstance(m, nn.Linear) and m is not head and id(m.weight) not in skip and m.in_features % group_size == 0:
             groups.setdefault(id(m.weight), m)
     todo = {key: m for key, m in groups.items() if centered_grid(m.weight, group_size) is None}
+    if not todo:  # e.g. a model still on its source grid: no calibration pass at all
+        return 0
     readers = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) in todo]
     hs = hessians(model, readers, windows)
     with torch.no_grad():

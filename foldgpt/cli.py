@@ -390,8 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exports", default=None,
                    help="BACKEND:PRECISION list (default: onnx:fp32,onnx:int4+emb8,executorch:8da4w+emb8), e.g. executorch:fp32")
     p.add_argument("--weight-method", default="gptq", help="the 4-bit exports' rounding: gptq (on the calibration text), rtn or hqq")
-    p.add_argument("--max-ppl-ratio", type=float, default=None,
-                   help="the exports' gate: refuse one above this perplexity ratio to fp32 (default 1.02 for 8-bit, 1.10 for 4-bit)")
+    p.add_argument("--max-ppl-ratio", type=float, default=1.5,
+                   help="the exports' gate: refuse one above this perplexity ratio to fp32 on held-out self text")
     p.add_argument("--no-bench", action="store_true", help="stop after the exports")
     _overwrite_arg(p)
     p.set_defaults(func=cmd_run)
