@@ -189,11 +189,12 @@ class _Three(nn.Module):
 @pytest.mark.slow
 def test_default_model_int4_keeps_its_gguf_grid(default_model, tmp_path):
     """The real default model, unmodified: all 210 decoder weights (Q4_1 in its GGUF) export to
-    ONNX int4 exactly, and the gate (held-out prose, default bound x1.10) passes."""
+    ONNX int4 exactly; with the tied head in 8 bits (int4+emb8, Q8_0 in the GGUF) the gate's
+    held-out prose costs under 1% (a 4-bit head alone costs more than the default x1.10 bound)."""
     from export.onnx import export_onnx
 
     model, tok = default_model
     path = save_folded(model, tmp_path / "dense", tok, provenance={"source": "default"})
-    report = export_onnx(path, tmp_path / "onnx", ExportConfig(precision="int4"), measure=False)
+    report = export_onnx(path, tmp_path / "onnx", ExportConfig.from_spec("int4+emb8"), measure=False)
     assert report["source_grid_weights"] == 30 * 7
-    assert report["parity"]["passed"] and report["parity"]["details"]["max_ppl_ratio"] == 1.10, report["parity"]["reason"]
+    assert report["parity"]["passed"] and report["parity"]["details"]["ppl_ratio"] < 1.01, report["parity"]["reason"]
