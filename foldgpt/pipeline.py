@@ -301,7 +301,8 @@ def llamacpp_peer(model: str) -> str | None:
 
 def gate_and_calibration_texts(dense_dir: Path, out: Path, cfg: RunConfig, tokens: int = 8192) -> dict[str, str]:
     """Two text files the exports read: the gate's held-out self text (generation seed 1, no
-    stage's input) and gptq's calibration text (the fold's own calibration source, seed 0)."""
+    stage's input; as much as the quality stage made, so nothing new is generated) and gptq's
+    calibration text (`tokens` of the fold's own calibration source, seed 0)."""
     from compress.data import held_out_text, load_texts
 
     files = {"gate_text": out / "texts" / "held_out.txt", "calibration": out / "texts" / "calibration.txt"}
@@ -310,7 +311,7 @@ def gate_and_calibration_texts(dense_dir: Path, out: Path, cfg: RunConfig, token
 
         dense, tok = load_folded(dense_dir)
         files["gate_text"].parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(files["gate_text"], held_out_text(dense, tok, tokens))
+        write_atomic(files["gate_text"], held_out_text(dense, tok, max(cfg.quality_tokens, 1024)))
         calib = replace(cfg.calib, num_sequences=tokens // cfg.calib.seq_len)
         write_atomic(files["calibration"], "\n\n".join(load_texts(calib, dense, tok)))
     return {k: str(v) for k, v in files.items()}
