@@ -20,10 +20,10 @@ import shlex
 import sys
 
 import torch
-from torch import nn
 
-from common import RESULTS, WIKI, held_out_file, require_dev, write_table
+from common import WIKI, held_out_file, require_dev, write_table
 from quant_exports import calibration_file
+from quant_quality import rounded  # the exporters' 4-bit weights in every decoder Linear, each shared one once
 
 
 def perplexity(model, ids: torch.Tensor, window: int = 512) -> float:
@@ -31,17 +31,6 @@ def perplexity(model, ids: torch.Tensor, window: int = 512) -> float:
         losses = [model(ids[:, i:i + window], labels=ids[:, i:i + window]).loss.item()
                   for i in range(0, ids.shape[1] - window + 1, window)]
     return math.exp(sum(losses) / len(losses))
-
-
-def rounded_rtn(model):
-    from export.quantize import int4_weights
-
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for m in {id(m.weight): m for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head}.values():
-            q, s = int4_weights(m.weight, 32)
-            m.weight.copy_((q.float().reshape(q.shape[0], -1, 32) * s[..., None]).reshape(q.shape))
-    return model
 
 
 def rounded_gptq(model, tokenizer):
@@ -66,7 +55,7 @@ def main() -> None:
     texts = {"self_held_out": held_out_file().read_text(), "wikitext2": WIKI.read_text()}
     ids = {k: tok(t, return_tensors="pt").input_ids[:, :args.tokens] for k, t in texts.items()}
     rows = []
-    for name, m in (("fp32", model), ("rtn", rounded_rtn(model)), ("gptq", rounded_gptq(model, tok))):
+    for name, m in (("fp32", model), ("rtn", rounded(model, "rtn")), ("gptq", rounded_gptq(model, tok))):
         row = {"weights": name, **{k: round(perplexity(m, v), 3) for k, v in ids.items()}}
         rows.append(row)
         print(row, flush=True)

@@ -37,14 +37,13 @@ HEAL_SEQUENCES = 256  # the quality benchmark's healing text: 256 windows of 256
 
 def rounded(model: nn.Module, method: str) -> nn.Module:
     """A copy whose decoder Linears hold their exported 4-bit weights (each shared weight once)."""
-    from export.quantize import int4_weights
+    from export.quantize import int4_rounded
 
     model = copy.deepcopy(model)  # deepcopy keeps sharing: one Parameter per shared weight
     weights = {id(m.weight): m.weight for layer in model.model.layers for m in layer.modules() if isinstance(m, nn.Linear)}
     with torch.no_grad():
         for w in weights.values():
-            q, s = int4_weights(w, 32, method)
-            w.copy_((q.float().reshape(q.shape[0], -1, 32) * s[..., None]).reshape(q.shape))
+            w.copy_(int4_rounded(w, 32, method))
     return model
 
 

@@ -16,7 +16,8 @@ where W0 = d * (q - 8) is symmetric (stored as the 4-bit values q - 8 and scales
 E (blocks, in) sums each block of inputs (0/1; one tensor per input width, shared by every
 such Linear) and C (out, blocks) holds the per-block offsets m + 8d: fp32 in ONNX (exact; 1/8
 byte a weight, as MatMulNBits' blocks do not fit C's 18 or 48 columns), 8-bit per row in
-ExecuTorch (1/32 byte a weight, the one rounding left: x1.0013 perplexity, `offset_weights`).
+ExecuTorch (1/32 byte a weight, the one rounding left, `offset_weights`; the whole dense 8da4w+emb8
+export measures x1.017 of fp32, benchmarks/results/quant_exports.md).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def aux_weights(model: nn.Module) -> set[int]:
 
 
 def offset_weights(model: nn.Module) -> set[int]:
-    """ids of the split's `offset` weights: ExecuTorch stores them 8da8w (per row), which costs
-    the dense model x1.0013 perplexity on held-out self text in torch against fp32 offsets
-    (4x their bytes); the block sums E stay fp32 (0/1, shared, tiny)."""
+    """ids of the split's `offset` weights: ExecuTorch stores them 8da8w (per row), a quarter of
+    fp32's bytes (the dense 8da4w+emb8 file with them measures x1.017 of fp32, quant_exports.md);
+    the block sums E stay fp32 (0/1, shared, tiny)."""
     return {id(m.offset.weight) for m in model.modules() if isinstance(m, GridLinear)}

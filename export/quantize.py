@@ -101,6 +101,12 @@ def int4_weights(weight, group_size: int = 32, method: WeightMethod = WeightMeth
     return t.qdata, t.scale.float().reshape(weight.shape[0], -1)
 
 
+def int4_rounded(weight, group_size: int = 32, method: WeightMethod = WeightMethod.RTN):
+    """`weight` as the exporters store it at 4 bits, dequantized to fp32 (same shape)."""
+    q, s = int4_weights(weight, group_size, method)
+    return (q.float().reshape(q.shape[0], -1, group_size) * s[..., None]).reshape(q.shape)
+
+
 def layer_bits(precision: Precision) -> int | None:
     """Weight bits of the decoder Linears: None (fp32), 8 or 4."""
     return {Precision.FP32: None, Precision.INT8: 8, Precision.INT8DA4W: 4}[Precision(precision)]

@@ -11,13 +11,12 @@ from torch import nn
 from compress.blocks import share_blocks
 from export.gptq import gptq_, gptq_weight, hessians
 from export.grid import centered_grid
-from export.quantize import int4_weights
+from export.quantize import int4_rounded, int4_weights
 from tests.conftest import tiny_model
 
 
 def rtn(w: torch.Tensor) -> torch.Tensor:
-    q, s = int4_weights(w, 32)
-    return (q.float().reshape(q.shape[0], -1, 32) * s[..., None]).reshape(q.shape)
+    return int4_rounded(w, 32)
 
 
 def calibration(seed: int = 1) -> list[list[int]]:
