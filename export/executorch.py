@@ -49,7 +49,7 @@ from pathlib import Path
 from compress.format import Kind, check_output, sync_files
 from export.executorch_runtime import INSTALL_HINT, TOKENIZER_FILE, PteLM, data_file, resident_memory, runtime
 from export.llm_runner import kernel_libraries
-from export.quantize import check_shapes, layer_bits, prepare_4bit, quantize_shared, unique_weight_bytes
+from export.quantize import check_shapes, layer_bits, prepare_weights, quantize_shared, unique_weight_bytes
 from export.parity import GateFailed, record_gate
 from export.registry import ExportConfig, Precision, check_paths, load_model, register_backend
 
@@ -90,8 +90,8 @@ def export_executorch(model_dir, out, cfg: ExportConfig | None = None, measure: 
               "group_size": cfg.group_size if 4 in (layer_bits(cfg.precision), cfg.embedding_bits) else None,
               "model_dir": str(model_dir), "max_context": cfg.max_context, "max_seq_len": max_seq_len, "seconds": {}}
     check_shapes(model, cfg.precision, cfg.group_size, cfg.embedding_bits)  # before gptq's minutes
-    if layer_bits(cfg.precision) == 4:
-        report.update(prepare_4bit(model, tokenizer, cfg))  # source-grid weights stored exactly; gptq
+    if cfg.precision is not Precision.FP32:
+        report.update(prepare_weights(model, tokenizer, cfg))  # smoothing; source-grid weights stored exactly; gptq
     report["unique_weight_bytes"] = unique_weight_bytes(model, cfg.precision, cfg.group_size, cfg.embedding_bits)
     reference = copy.deepcopy(model) if cfg.parity else None  # deepcopy keeps the Parameter sharing
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

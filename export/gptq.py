@@ -26,23 +26,17 @@ BLOCK = 128  # columns rounded together before the lazy update of the rest (the 
 
 def hessians(model: nn.Module, linears: list[nn.Linear], windows: Sequence[Sequence[int]]) -> dict[int, torch.Tensor]:
     """2 X^T X / n per weight (by id), X: the inputs every Linear sharing it saw on `windows`."""
+    from export.smooth import calibrate
+
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
 
-    def hook(module, args, _out):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-        key = id(module.weight)
+    def update(module, x):
+        key, x = id(module.weight), x.double()
         sums[key] = sums.get(key, 0) + x.T @ x
         counts[key] = counts.get(key, 0) + x.shape[0]
 
-    handles = [m.register_forward_hook(hook) for m in linears]
-    try:
-        with torch.no_grad():
-            for w in tqdm(windows, desc="gptq: calibration", unit="window", leave=False):
-                model(torch.tensor([list(w)]))
-    finally:
-        for h in handles:
-            h.remove()
+    calibrate(model, linears, windows, update, "gptq: calibration")
     return {k: (2 * v / counts[k]).float() for k, v in sums.items()}
 
 

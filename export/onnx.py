@@ -12,7 +12,7 @@ Stages of `export_onnx` (each a function below):
                then `onnx_graph.pretranspose_weights`, the onnxscript optimizer, no metadata
   3. quantize  int8 or int4: MatMulNBits (symmetric blocks of `group_size`, int8 compute); int4 on
                the 4-bit grid ExecuTorch's 8da4w gets, a source GGUF's grid kept exactly
-               (`export.quantize.prepare_4bit`), each weight once (`onnx_graph.quantize_nbits`)
+               (`export.quantize.prepare_weights`; smoothing too, `export.smooth`), each weight once (`onnx_graph.quantize_nbits`)
   4. package   genai_config.json and the tokenizer files beside model.onnx
   5. gate      `export.parity` against the PyTorch model (fp32: logits + greedy tokens,
                quantized: perplexity); a failed gate leaves the export at its temporary path
@@ -85,10 +85,10 @@ def export_onnx(model_dir, out, cfg: ExportConfig | None = None, measure: bool =
     if bits is not None:
         import torch
 
-        from export.quantize import check_group_widths, prepare_4bit  # torch: the exporter's half only
+        from export.quantize import check_group_widths, prepare_weights  # torch: the exporter's half only
 
         check_group_widths([m for m in model.modules() if isinstance(m, torch.nn.Linear)], cfg.group_size, f"onnx int{bits}")
-        prepared = prepare_4bit(model, tokenizer, cfg) if bits == 4 else {}  # source grid kept exactly; gptq
+        prepared = prepare_weights(model, tokenizer, cfg)  # smoothing; source grid kept exactly; gptq
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -55,24 +55,36 @@ def _config(bits: int, group_size: int, method: WeightMethod = WeightMethod.RTN)
 def _algorithm(method: WeightMethod):
     from torchao.quantization.quantize_.workflows import IntxChooseQParamsAlgorithm
 
-    # gptq puts weights on their grid before this (`prepare_4bit`); what it leaves (the head) rounds to nearest
+    # gptq puts weights on their grid before this (`prepare_weights`); what it leaves (the head) rounds to nearest
     return {WeightMethod.RTN: IntxChooseQParamsAlgorithm.AFFINE, WeightMethod.GPTQ: IntxChooseQParamsAlgorithm.AFFINE,
             WeightMethod.HQQ: IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY}[WeightMethod(method)]
 
 
-def prepare_4bit(model, tokenizer, cfg) -> dict:
-    """What a 4-bit export does to the fp32 model first, in place, in both backends: weights still
-    on the source GGUF's grid are split to be stored exactly (`export.grid`), then with
+def prepare_weights(model, tokenizer, cfg) -> dict:
+    """What a quantized export does to the fp32 model first, in place, in both backends: with
+    smooth_alpha, activation outliers move into the weights (`export.smooth`); at 4 bits, weights
+    still on the source GGUF's grid are split to be stored exactly (`export.grid`), then with
     weight_method gptq the others are put on their GPTQ grid (`export.gptq`). Returns counts."""
-    from export.grid import aux_weights, split_affine
+    from torch import nn
 
-    stats = {"source_grid_weights": split_affine(model, cfg.group_size)}
-    if cfg.weight_method is WeightMethod.GPTQ:
-        from export.gptq import gptq_
-        from export.parity import text_windows
+    from export.grid import affine_grid, aux_weights, centered_grid, split_affine
+    from export.parity import text_windows
 
-        windows = text_windows(tokenizer, None, cfg.calibration, cfg.calibration_tokens)
-        stats["gptq_weights"] = gptq_(model, windows, cfg.group_size, skip=aux_weights(model))
+    four = cfg.precision in (Precision.INT4, Precision.INT8DA4W)
+    stats = {}
+    windows = text_windows(tokenizer, None, cfg.calibration, cfg.calibration_tokens) if cfg.calibration else None
+    if cfg.smooth_alpha is not None:
+        from export.smooth import smooth_
+
+        on_grid = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and four and (
+            affine_grid(m.weight, cfg.group_size) is not None or centered_grid(m.weight, cfg.group_size) is not None)}
+        stats["smoothed_groups"] = smooth_(model, windows, cfg.smooth_alpha, skip=on_grid)
+    if four:
+        stats["source_grid_weights"] = split_affine(model, cfg.group_size)
+        if cfg.weight_method is WeightMethod.GPTQ:
+            from export.gptq import gptq_
+
+            stats["gptq_weights"] = gptq_(model, windows, cfg.group_size, skip=aux_weights(model))
     return stats
 
 

@@ -54,6 +54,7 @@ class ExportConfig:
     gate_tokens: int = 1024  # tokens of gate_text scored (in windows of up to 256)
     calibration: str | None = None  # gptq: a text file of the model's kind of input (never the gate's text)
     calibration_tokens: int = 8192
+    smooth_alpha: float | None = None  # export.smooth: move activation outliers into the weights (needs calibration)
     num_threads: int | None = None
     overwrite: bool = False  # replace an existing `out` this tool did not write (never the model itself)
 
@@ -75,6 +76,13 @@ class ExportConfig:
             raise ValueError(f"gate_tokens must be at least 16, got {self.gate_tokens}")
         if self.weight_method is WeightMethod.GPTQ and self.calibration is None:
             raise ValueError("weight_method gptq rounds against calibration text: pass calibration (a text file)")
+        if self.smooth_alpha is not None:
+            if not 0 <= self.smooth_alpha <= 1:
+                raise ValueError(f"smooth_alpha must lie in [0, 1], got {self.smooth_alpha}")
+            if self.precision is Precision.FP32:
+                raise ValueError("smoothing serves quantized activations; fp32 has none (pick int8, int4 or 8da4w)")
+            if self.calibration is None:
+                raise ValueError("smoothing measures activations on calibration text: pass calibration (a text file)")
         if self.calibration is not None and not Path(self.calibration).is_file():
             raise ValueError(f"calibration {self.calibration}: no such file")
         if self.calibration is not None and self.gate_text is not None and Path(self.calibration).resolve() == Path(self.gate_text).resolve():
