@@ -60,9 +60,9 @@ class DataConfig:
     cache_dir: str | None = None  # where `self` text is cached; default ~/.cache/foldgpt
     gen_seed: int = 0  # generation seed for `self` text (seed above orders the packing)
     gen_max_new_tokens: int = 256
-    gen_batch_size: int = 32
+    gen_batch_size: int = 128  # the sampler's cost is per step, so wider batches amortise it (selftext_speed.md)
     gen_temperature: float = 0.8
-    gen_dtype: str = "float32"  # the sampler's dtype: bfloat16 is faster on CPUs with AVX-512 BF16
+    gen_dtype: str = "bfloat16"  # the sampler's dtype: 2x fp32's tokens/s here (AVX-512 BF16); "float32" for exactness
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -187,7 +187,7 @@ def self_generated(cfg: DataConfig, model: nn.Module, tokenizer) -> list[str]:
     One process at a time reads and grows it (a lock): a second waits, then reads.
     """
     key = dict(model=_model_fingerprint(model), seed=cfg.gen_seed, max_new=cfg.gen_max_new_tokens,
-               batch=cfg.gen_batch_size, temperature=cfg.gen_temperature, v=2)
+               batch=cfg.gen_batch_size, temperature=cfg.gen_temperature, v=3)  # v3: compress.data.sample
     if cfg.gen_dtype != "float32":  # another sampler, another text; fp32 caches keep their old names
         key["dtype"] = cfg.gen_dtype
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -233,23 +233,72 @@ def sampler_for(model: nn.Module, cfg: DataConfig) -> nn.Module:
     return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
 
 
+TOP_K, TOP_P = 50, 0.95  # transformers' default top-k and our top-p: the distribution every self text is drawn from
+
+
+def nucleus(logits: torch.Tensor, temperature: float, top_k: int = TOP_K, top_p: float = TOP_P
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities (B, k), token ids (B, k)) of temperature -> top-k -> top-p sampling, as
+    transformers' warpers compute it, but on the k candidates only: sorting and sampling the
+    whole vocabulary every step was a third of generation's time (benchmarks/results/selftext_speed.md)."""
+    values, ids = (logits.float() / temperature).topk(min(top_k, logits.shape[-1]), dim=-1)  # descending
+    p = values.softmax(-1)
+    tail = p.flip(-1).cumsum(-1).flip(-1)  # mass of each candidate and every less likely one
+    drop = tail <= 1 - top_p  # transformers' TopPLogitsWarper, read from the other end
+    drop[:, 0] = False
+    p = p.masked_fill(drop, 0)
+    return p / p.sum(-1, keepdim=True), ids
+
+
+def sample(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+           temperature: float, stop: set[int], generator: torch.Generator) -> list[list[int]]:
+    """Each row's sampled tokens (a stop token included, nothing after it). A row that stops
+    leaves the batch (its cache rows too), so no step is spent on rows that are done."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    rows = torch.arange(input_ids.shape[0])
+    out: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    stop_ids = torch.tensor(sorted(stop))
+    step, mask = input_ids, attention_mask
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    for t in range(max_new_tokens):
+        logits = model(input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        p, ids = nucleus(logits, temperature)
+        nxt = ids.gather(1, torch.multinomial(p, 1, generator=generator))  # (rows, 1)
+        for r, token in zip(rows.tolist(), nxt[:, 0].tolist()):
+            out[r].append(token)
+        going = ~torch.isin(nxt[:, 0], stop_ids)
+        if t == max_new_tokens - 1 or not going.any():
+            break
+        if not going.all():
+            keep = going.nonzero()[:, 0]
+            cache.batch_select_indices(keep)
+            rows, nxt, mask = rows[keep], nxt[keep], mask[keep]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        step, positions = nxt, mask.sum(-1, keepdim=True) - 1
+    return out
+
+
 def generate_batch(model: nn.Module, tokenizer, prompts: list[str], cfg: DataConfig, batch: int
-                    ) -> tuple[list[str], list[int]]:
-    """Batch number `batch` of seeded sampling: the texts, and the tokens each generated."""
+                   ) -> tuple[list[str], list[int]]:
+    """Batch number `batch` of seeded sampling: the texts, and the tokens each generated.
+    The same seed, settings and torch build give the same texts."""
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
         enc = tokenizer([_render(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
                         add_special_tokens=False)
     finally:
         tokenizer.padding_side = padding_side
-    torch.manual_seed(cfg.gen_seed * 7919 + batch)
+    stop = {i for src in (model.generation_config.eos_token_id, tokenizer.eos_token_id) if src is not None
+            for i in (src if isinstance(src, (list, tuple)) else [src])}
+    generator = torch.Generator().manual_seed(cfg.gen_seed * 7919 + batch)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=cfg.gen_max_new_tokens, do_sample=True,
-                             temperature=cfg.gen_temperature, top_p=0.95, pad_token_id=pad)
-    rows = out[:, enc["input_ids"].shape[1]:]
+        rows = sample(model, enc["input_ids"], enc["attention_mask"], cfg.gen_max_new_tokens, cfg.gen_temperature,
+                      stop, generator)
     return ([tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows],
-            [int((r != pad).sum()) for r in rows])
+            [sum(t not in stop for t in r) for r in rows])
 
 
 HELD_OUT_GEN_SEED = 1  # calibration and healing text use generation seed 0

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import compress.data as data
 import compress.heal as heal_mod
 from compress.adapter import get_adapter
 from compress.blocks import count_parameters, schedule_of
@@ -64,7 +65,7 @@ def test_self_generated_text_is_cached(tmp_path, monkeypatch):
     cfg = DataConfig(source="self", seq_len=16, num_sequences=4, gen_max_new_tokens=24, gen_batch_size=4,
                      cache_dir=str(tmp_path))
     first = build_sequences(cfg, model, tok)
-    monkeypatch.setattr(model, "generate", lambda *a, **k: pytest.fail("cache not used"))
+    monkeypatch.setattr(data, "sample", lambda *a, **k: pytest.fail("cache not used"))
     assert torch.equal(build_sequences(cfg, model, tok), first)
 
 
@@ -87,16 +88,17 @@ def test_bf16_sampler_same_seed_same_text_and_its_own_cache(tmp_path, monkeypatc
     that an fp32 request never reads (and the caller's fp32 model is left as it was)."""
     model, tok = tiny_model(vocab=99), tiny_tokenizer()
     fp32 = DataConfig(source="self", seq_len=16, num_sequences=4, gen_max_new_tokens=24, gen_batch_size=4,
-                      cache_dir=str(tmp_path))
+                      cache_dir=str(tmp_path), gen_dtype="float32")
     bf16 = DataConfig(**{**fp32.__dict__, "gen_dtype": "bfloat16"})
+    assert DataConfig().gen_dtype == "bfloat16"  # the default
     first = self_generated(bf16, model, tok)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert len(list(tmp_path.glob("self-text/*.jsonl"))) == 1
     fresh = self_generated(DataConfig(**{**bf16.__dict__, "cache_dir": str(tmp_path / "other")}), model, tok)
     assert fresh == first  # same seed, same backend, same text
     calls = []
-    real = model.generate
-    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = data.sample
+    monkeypatch.setattr(data, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
     self_generated(fp32, model, tok)
     assert calls and len(list(tmp_path.glob("self-text/*.jsonl"))) == 2  # generated anew, not read from bf16's
     with pytest.raises(ValueError, match="gen_dtype"):
@@ -562,3 +564,38 @@ def test_compress_bad_input_is_one_line(tmp_path, tiny_dir, capsys, flag, value,
     assert match in err and "\n" not in err
     if before == "load":
         assert not (tmp_path / "folded.work").exists()
+
+
+def test_nucleus_is_transformers_sampling_distribution():
+    """compress.data.nucleus on the top-k candidates gives the probabilities transformers' warpers
+    (temperature, top-k 50, top-p 0.95) give over the whole vocabulary."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 500, generator=g) * torch.tensor([0.5, 1, 2, 4, 8, 16])[:, None]  # flat to peaked
+    scores = logits
+    for warp in (TemperatureLogitsWarper(0.8), TopKLogitsWarper(50), TopPLogitsWarper(0.95)):
+        scores = warp(None, scores)
+    expected = scores.softmax(-1)
+    p, ids = data.nucleus(logits, 0.8)
+    got = torch.zeros_like(expected).scatter(1, ids, p)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (p > 0).sum(-1).tolist()[0] > (p > 0).sum(-1).tolist()[-1]  # flat logits keep more candidates
+
+
+def test_sample_follows_greedy_generate_and_drops_finished_rows():
+    """At a near-zero temperature the sampler is greedy: each row's tokens equal transformers'
+    greedy generate with the same left padding, up to and including the row's stop token."""
+    model, tok = tiny_model(vocab=99), tiny_tokenizer()
+    tok.padding_side = "left"
+    enc = tok(["a b c d e f", "b", "c d e", "d e f a"], return_tensors="pt", padding=True, add_special_tokens=False)
+    assert (enc["attention_mask"] == 0).any()  # left padding exercised
+    logits = model(**enc).logits[:, -1]
+    stop = {int(logits[1].argmax())}  # row 1 stops at once, the others go on (different argmaxes)
+    rows = data.sample(model, enc["input_ids"], enc["attention_mask"], 12, 1e-4, stop, torch.Generator().manual_seed(0))
+    greedy = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    greedy = greedy[:, enc["input_ids"].shape[1]:].tolist()
+    assert len(rows[1]) == 1 and any(len(r) > 1 for r in rows)
+    for mine, ref in zip(rows, greedy):
+        stop_at = next((i for i, t in enumerate(ref) if t in stop), len(ref) - 1)
+        assert mine == ref[:stop_at + 1]
