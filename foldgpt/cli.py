@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default="runs/main", help="everything the run makes; rerun to resume")
-    p.add_argument("--heal-minutes", type=float, default=5.0, help="local healing (a fifth) and healing")
+    p.add_argument("--heal-minutes", type=float, default=12.5, help="local healing (a fifth) and the cure")
     p.add_argument("--removal-rate", type=float, default=1 / 3, help="fraction of blocks removed (default 10 of 30)")
     p.add_argument("--unique-blocks", type=int, default=20,
                    help="unique blocks kept; fewer than the kept depths shares adjacent ones (e.g. --removal-rate 0.2)")

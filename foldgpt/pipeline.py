@@ -80,11 +80,12 @@ class RunConfig:
     # the cure heals through the 4-bit exports' rounding (compress.qat): the fold ships in 4 bits, and there it
     # measured x1.06 of its fp32 perplexity against the plain cure's x1.20 (WikiText; self text x1.06 against x1.38),
     # with lower absolute 4-bit perplexity on both texts (benchmarks/results/quant_quality.md)
-    heal: HealConfig = field(default_factory=lambda: HealConfig(max_minutes=5.0, qat_bits=4))
+    # 12.5 minutes: 2.5 of local healing and 10 of the cure, paid for by the faster self text (compress.data.sample)
+    heal: HealConfig = field(default_factory=lambda: HealConfig(max_minutes=12.5, qat_bits=4))
     # 256-token windows; FoldGPT holds 8 calibration windows back to score which blocks go;
-    # 128 healing windows: ~2 passes in a 5-minute heal (64 overfit: 15+ passes in 20 min)
+    # 256 healing windows: a few passes in a 10-minute cure (64 windows overfit: 15+ passes in 20 min)
     calib: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=40))
-    heal_data: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=128, seed=1))
+    heal_data: DataConfig = field(default_factory=lambda: DataConfig(num_sequences=256, seed=1))
     exports: tuple[tuple[str, str], ...] = DEFAULT_EXPORTS
     # the 4-bit exports' rounding: rtn, the grid the cure trained through (gptq would round the fold a second way;
     # on a plain-cured fold gptq moved held-out self text x1.32 -> x1.20 and WikiText x1.25 -> x1.35, gptq_torch.md)
@@ -235,15 +236,18 @@ def quality_section(q: dict) -> str:
 
 
 def exports_section(exports: dict[str, list[dict]]) -> str:
-    """The report's export table: each artifact's parity gate, so what quantization cost is in view."""
+    """The report's export table: each artifact's parity gate, so what quantization cost is in view,
+    and where its export's time went (trace, lowering, gate)."""
     lines = ["## Exports and their parity gates", "",
              "fp32: logits within 1e-3 of PyTorch and the same greedy tokens. Quantized: perplexity on held-out self "
              "text against the fp32 model, refused above its bound (x1.02 for 8-bit, x1.10 for 4-bit weights by default).",
-             "", "| model | backend | precision | status | gate |", "|---|---|---|---|---|"]
+             "", "| model | backend | precision | status | gate | seconds |", "|---|---|---|---|---|---|"]
     for name, rows in exports.items():
         for r in rows:
             gate = (r.get("parity") or {}).get("reason", "-")
-            lines.append(f"| {name} | {r['backend']} | {r['precision']} | {r['status']} | {gate} |")
+            secs = r.get("seconds") or {}
+            took = ", ".join(f"{k} {v:g}" for k, v in secs.items()) if secs else "-"
+            lines.append(f"| {name} | {r['backend']} | {r['precision']} | {r['status']} | {gate} | {took} |")
     return "\n".join(lines) + "\n"
 
 
@@ -340,8 +344,8 @@ def export_all(models: dict[str, Path], exports: tuple[tuple[str, str], ...], ro
             report_file = folder / "export_report.json"
             if path.exists():
                 row.update(status="ok", kept=True)
-                if report_file.is_file() and json.loads(report_file.read_text()).get("parity"):
-                    row["parity"] = json.loads(report_file.read_text())["parity"]
+                earlier = json.loads(report_file.read_text()) if report_file.is_file() else {}
+                row.update({k: earlier[k] for k in ("parity", "seconds") if earlier.get(k)})
                 rows.append(row)
                 continue
             print(f"-- export {name} {backend} {precision}", flush=True)
@@ -356,8 +360,7 @@ def export_all(models: dict[str, Path], exports: tuple[tuple[str, str], ...], ro
                 report = get_backend(backend).export(model_dir, path, cfg, measure=False)
                 report_file.write_text(json.dumps(report, indent=1, default=str))
                 row["status"] = "ok"
-                if report.get("parity"):
-                    row["parity"] = report["parity"]
+                row.update({k: report[k] for k in ("parity", "seconds") if report.get(k)})
             except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
                 row.update(status="failed", error=str(e).splitlines()[0][:300])
                 if getattr(e, "report", None):  # a gate's refusal: what it measured

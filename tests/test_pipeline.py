@@ -193,3 +193,5 @@ def test_4bit_exports_use_gptq_and_the_held_out_gate(tmp_path, source):
     assert rows[1]["parity"]["kind"] == "logits"  # fp32 takes no method and stays gated on logits
     section = exports_section({"folded": rows})
     assert "| folded | onnx | int4 | ok | perplexity " in section and "| folded | onnx | fp32 | ok | max |logits diff|" in section
+    int4_line = next(line for line in section.splitlines() if "| int4 |" in line)
+    assert rows[0]["seconds"] == report["seconds"] and f"trace {report['seconds']['trace']:g}" in int4_line
