@@ -53,6 +53,11 @@ from export.parity import GateFailed, record_gate
 from export.registry import ExportConfig, Precision, WeightMethod, check_paths, load_model, register_backend
 
 MODEL_FILE = "model.onnx"
+# ONNX opset 23 has Attention, RotaryEmbedding and RMSNormalization, which torch.onnx emits for
+# SDPA, rotary and RMSNorm; ONNX Runtime runs each as one fused kernel where opset 18 spelled them
+# out in dozens of nodes (attention's masking alone was ~23% of a 512-token int4 prefill,
+# benchmarks/results/prefill_profile.md). Before/after: benchmarks/results/onnx_opset.md.
+OPSET = 23
 INSTALL_HINT = "pip install 'onnx>=1.23,<1.24' 'onnxruntime>=1.32,<1.33' 'onnxscript>=0.7,<0.8'"
 
 
@@ -196,7 +201,7 @@ def trace(model, path: Path, tied_head_rows: bool = True) -> dict:
     try:
         with torch.no_grad():
             program = torch.onnx.export(_flat_kv_module(model), args, input_names=inputs, output_names=outputs,
-                                        dynamic_shapes=dynamic_shapes, dynamo=True, optimize=False,
+                                        dynamic_shapes=dynamic_shapes, dynamo=True, optimize=False, opset_version=OPSET,
                                         external_data=True, verbose=False, report=False)
     except Exception as e:  # torch.onnx wraps the cause in pages of advice: report the innermost error
         while e.__cause__ is not None:

@@ -171,6 +171,19 @@ def test_graphs_return_the_last_row_as_genai_reads_it(fp32, int8, int4, folded):
     np.testing.assert_allclose(OnnxLM(fp32[0] / "model.onnx").step(ids)[0], reference, atol=1e-4)
 
 
+def test_attention_rotary_and_norms_are_fused_operators(fp32, int4):
+    """Opset 23: each depth's attention is one Attention node (no spelled-out masking), rotary and
+    RMSNorm are single nodes too, in the fp32 graph and after int4's rewrites."""
+    import onnx as onnx_proto
+
+    for out, _ in (fp32, int4):
+        model = onnx_proto.load(out / "model.onnx", load_external_data=False)
+        ops = [n.op_type for n in model.graph.node]
+        assert {o.domain: o.version for o in model.opset_import}[""] == 23
+        assert ops.count("Attention") == 4 and ops.count("RotaryEmbedding") == 2 * 4  # q and k per depth
+        assert ops.count("RMSNormalization") == 2 * 4 + 1 and "IsNaN" not in ops and "Softmax" not in ops
+
+
 def test_kv_cache_decode_equals_full_forward(fp32, folded):
     out, _ = fp32
     model = folded[1]
