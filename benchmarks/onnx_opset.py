@@ -71,12 +71,12 @@ def main() -> None:
                     if i:
                         ms[opset].append(t)
             rows.append({"precision": precision, "measure": f"TTFT {length} tokens", "opset18_ms": round(float(np.median(ms[18])), 1),
-                         "opset23_ms": round(float(np.median(ms[23])), 1), "ratio": round_ratio(ms[23], ms[18])})
+                         "opset23_ms": round(float(np.median(ms[23])), 1), "ratio": round_ratio(ms[18], ms[23])})
             print(rows[-1], flush=True)
         dec = decode_rounds({str(k): v for k, v in runners.items()}, rounds=args.rounds, decode_tokens=64, vocab=1000)
         d18, d23 = dec["ms_per_token"]["18"], dec["ms_per_token"]["23"]
         rows.append({"precision": precision, "measure": "decode ms/token", "opset18_ms": round(float(np.median(d18)), 2),
-                     "opset23_ms": round(float(np.median(d23)), 2), "ratio": round_ratio(d23, d18)})
+                     "opset23_ms": round(float(np.median(d23)), 2), "ratio": round_ratio(d18, d23)})
         print(rows[-1], flush=True)
         counts = {opset: op_counts(path) for opset, path in arms.items()}
         rows.append({"precision": precision, "measure": "graph nodes", "opset18_ms": sum(counts[18].values()),
