@@ -46,7 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 heal=replace(d.heal, max_minutes=args.heal_minutes, qat_bits=args.qat_bits or None),
                 calib=replace(d.calib, source=args.data), heal_data=replace(d.heal_data, source=args.data),
                 exports=parse_exports(args.exports) if args.exports else d.exports,
-                weight_method=args.weight_method, max_ppl_ratio=args.max_ppl_ratio,
+                weight_method=args.weight_method, max_ppl_ratio=args.max_ppl_ratio, export_workers=args.export_workers,
                 bench=not args.no_bench, profile=args.profile, overwrite=args.overwrite))
     return 0
 
@@ -397,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the 4-bit exports' rounding: rtn (the grid the cure trained through), gptq (on the calibration text) or hqq")
     p.add_argument("--max-ppl-ratio", type=float, default=1.5,
                    help="the exports' gate: refuse one above this perplexity ratio to fp32 on held-out self text")
+    p.add_argument("--export-workers", type=int, default=2,
+                   help="exports run at once, each in its own process (tracing and lowering use one core each)")
     p.add_argument("--no-bench", action="store_true", help="stop after the exports")
     _overwrite_arg(p)
     p.set_defaults(func=cmd_run)

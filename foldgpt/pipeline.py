@@ -5,7 +5,7 @@
                  local healing, a short end-to-end heal), then its
                  perplexity beside dense on held-out self text       OUT/quality.json
     3. export    ONNX and ExecuTorch, dense and folded, each        OUT/exports/<model>-<backend>-<precision>
-                 behind its parity gate
+                 behind its parity gate, two at a time
     4. bench     latency and memory under the default phone          OUT/bench (bench.json, report.md, plots)
                  profile, dense beside folded on the same runtime
 
@@ -94,6 +94,9 @@ class RunConfig:
     # exporters' own x1.10 so that a run whose fold misses it still benches it; the report shows each ratio.
     # None: the exporters' defaults (x1.02 / x1.10).
     max_ppl_ratio: float | None = 1.5
+    # exports at once, each in its own process: tracing and lowering are single-threaded Python,
+    # so two of them share 2 cores with little loss (export_all)
+    export_workers: int = 2
     max_context: int = 1152  # static KV cache of the ExecuTorch programs: 1024-token prompts + 128 decoded
     bench: bool = True
     profile: str | None = None  # default: runtime_tests' default profile
@@ -103,9 +106,9 @@ class RunConfig:
     overwrite: bool = False  # write into an existing OUT this tool did not make (never one holding the model)
 
     def __post_init__(self):
-        if self.quality_tokens < 0 or self.max_context < 2 or self.repeats < 1 or self.rounds < 1:
-            raise ValueError(f"quality_tokens >= 0, max_context >= 2, repeats and rounds >= 1 (got {self.quality_tokens}, "
-                             f"{self.max_context}, {self.repeats}, {self.rounds})")
+        if self.quality_tokens < 0 or self.max_context < 2 or min(self.repeats, self.rounds, self.export_workers) < 1:
+            raise ValueError(f"quality_tokens >= 0, max_context >= 2, repeats, rounds and export_workers >= 1 (got "
+                             f"{self.quality_tokens}, {self.max_context}, {self.repeats}, {self.rounds}, {self.export_workers})")
         parse_exports(",".join(f"{b}:{p}" for b, p in self.exports))  # a bad pair fails here
         from compress.registry import enum_choice
         from export.registry import WeightMethod
@@ -159,7 +162,7 @@ def run(cfg: RunConfig) -> dict:
     t = _stage("3/4 export", ", ".join(f"{b} {p}" for b, p in cfg.exports))
     texts = gate_and_calibration_texts(dense_dir, out, cfg)
     exports = export_all({"dense": dense_dir, "folded": folded_dir}, cfg.exports, out / "exports", cfg.max_context,
-                         texts, cfg.weight_method, cfg.max_ppl_ratio)
+                         texts, cfg.weight_method, cfg.max_ppl_ratio, workers=cfg.export_workers)
     _took(timings, "export_s", t, earlier if all(e.get("kept") for rows in exports.values() for e in rows) else {}, kept)
 
     bench_result = None
@@ -182,7 +185,7 @@ def run(cfg: RunConfig) -> dict:
         timings["bench_s"] = time.monotonic() - t
         report = out / "bench" / "report.md"
         extra = [quality_section(quality)] if quality else []
-        extra.append(exports_section(exports))
+        extra.append(exports_section(exports, cfg.export_workers))
         extra.append(timing_section(timings, _compress_timings(folded_dir), tuple(kept)))
         write_atomic(report, report.read_text() + "\n" + "\n".join(extra))
 
@@ -235,12 +238,14 @@ def quality_section(q: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def exports_section(exports: dict[str, list[dict]]) -> str:
+def exports_section(exports: dict[str, list[dict]], workers: int = 1) -> str:
     """The report's export table: each artifact's parity gate, so what quantization cost is in view,
     and where its export's time went (trace, lowering, gate)."""
     lines = ["## Exports and their parity gates", "",
              "fp32: logits within 1e-3 of PyTorch and the same greedy tokens. Quantized: perplexity on held-out self "
-             "text against the fp32 model, refused above its bound (x1.02 for 8-bit, x1.10 for 4-bit weights by default).",
+             "text against the fp32 model, refused above its bound (x1.02 for 8-bit, x1.10 for 4-bit weights by default)."
+             + (f" The exports ran {workers} at a time, each in its own process: a row's seconds are its own wall time, "
+                "beside another export." if workers > 1 else ""),
              "", "| model | backend | precision | status | gate | seconds |", "|---|---|---|---|---|---|"]
     for name, rows in exports.items():
         for r in rows:
@@ -325,46 +330,93 @@ def gate_and_calibration_texts(dense_dir: Path, out: Path, cfg: RunConfig, token
 
 def export_all(models: dict[str, Path], exports: tuple[tuple[str, str], ...], root: Path, max_context: int,
                texts: dict[str, str] | None = None, weight_method: str = "rtn",
-               max_ppl_ratio: float | None = None) -> dict[str, list[dict]]:
+               max_ppl_ratio: float | None = None, workers: int = 1) -> dict[str, list[dict]]:
     """Every (model, backend, precision) export into root/NAME-BACKEND-PRECISION; an existing
     artifact is kept, a failure (e.g. a fold no exporter stores, or a gate's refusal) recorded in
-    one line. `texts`: the gate's text and gptq's calibration file (gate_and_calibration_texts)."""
+    one line. `texts`: the gate's text and gptq's calibration file (gate_and_calibration_texts).
+
+    `workers` > 1 runs the exports in that many fresh processes, longest first. Tracing and
+    lowering are single-threaded Python (torch.export, ExecuTorch's passes), so on a 2-core
+    machine two exports at once take about the time of one; only a gate's few seconds of
+    inference share the cores. The rows come back in the order of `models` and `exports`."""
+    root.mkdir(parents=True, exist_ok=True)
+    jobs = [(name, Path(model_dir), backend, precision, root, max_context, texts or {}, weight_method, max_ppl_ratio)
+            for name, model_dir in models.items() for backend, precision in exports]
+    if workers > 1 and sum(not _kept(job) for job in jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: a fresh interpreter per worker (torch's thread pools do not survive fork)
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {i: pool.submit(export_one, *jobs[i]) for i in sorted(range(len(jobs)), key=lambda i: -_cost(jobs[i]))}
+            rows = [futures[i].result() for i in range(len(jobs))]
+    else:
+        rows = [export_one(*job) for job in jobs]
+    results: dict[str, list[dict]] = {name: [] for name in models}
+    for job, row in zip(jobs, rows):
+        results[job[0]].append(row)
+    return results
+
+
+def _folder(root: Path, name: str, backend: str, precision: str) -> Path:
+    return root / f"{name}-{backend}-{precision}"
+
+
+def _kept(job: tuple) -> bool:
+    """Whether a job's artifact is already there (kept, not redone)."""
+    from export.registry import get_backend
+
+    name, _, backend, precision, root = job[:5]
+    return get_backend(backend).artifact_path(_folder(root, name, backend, precision)).exists()
+
+
+def _cost(job: tuple) -> int:
+    """Rough order of an export's minutes, to start the longest first: ExecuTorch lowering, then
+    a model stored from a GGUF's 4-bit grid (its split adds nodes), then the rest."""
+    from compress.format import SOURCE_GRID_KEY
+
+    name, model_dir, backend, precision = job[:4]
+    try:
+        grid = SOURCE_GRID_KEY in json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        grid = False
+    return 2 * (backend == "executorch") + (grid and precision != "fp32")
+
+
+def export_one(name: str, model_dir: Path, backend: str, precision: str, root: Path, max_context: int,
+               texts: dict[str, str], weight_method: str = "rtn", max_ppl_ratio: float | None = None) -> dict:
+    """One export of `export_all` (a plain function, so a worker process can run it): its row."""
     from export.registry import ExportConfig, Precision, get_backend
 
-    root.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict]] = {}
-    for name, model_dir in models.items():
-        rows = results.setdefault(name, [])
-        for backend, precision in exports:
-            folder = root / f"{name}-{backend}-{precision}"
-            path = get_backend(backend).artifact_path(folder)
-            if path != folder:
-                folder.mkdir(parents=True, exist_ok=True)
-            row = {"backend": backend, "precision": precision, "path": str(path)}
-            report_file = folder / "export_report.json"
-            if path.exists():
-                row.update(status="ok", kept=True)
-                earlier = json.loads(report_file.read_text()) if report_file.is_file() else {}
-                row.update({k: earlier[k] for k in ("parity", "seconds") if earlier.get(k)})
-                rows.append(row)
-                continue
-            print(f"-- export {name} {backend} {precision}", flush=True)
-            try:
-                # the bench stage measures memory in its own fresh processes: skip the export's probes
-                cfg = ExportConfig.from_spec(precision, max_context=max_context, max_ppl_ratio=max_ppl_ratio,
-                                             gate_text=(texts or {}).get("gate_text"))
-                if cfg.precision in (Precision.INT4, Precision.INT8DA4W) and weight_method != "rtn":
-                    cfg = ExportConfig.from_spec(precision, max_context=max_context, max_ppl_ratio=max_ppl_ratio,
-                                                 gate_text=cfg.gate_text, weight_method=weight_method,
-                                                 calibration=(texts or {}).get("calibration"))
-                report = get_backend(backend).export(model_dir, path, cfg, measure=False)
-                report_file.write_text(json.dumps(report, indent=1, default=str))
-                row["status"] = "ok"
-                row.update({k: report[k] for k in ("parity", "seconds") if report.get(k)})
-            except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-                row.update(status="failed", error=str(e).splitlines()[0][:300])
-                if getattr(e, "report", None):  # a gate's refusal: what it measured
-                    row["parity"] = e.report.get("parity")
-                print(f"   failed: {row['error']}", flush=True)
-            rows.append(row)
-    return results
+    folder = _folder(root, name, backend, precision)
+    path = get_backend(backend).artifact_path(folder)
+    if path != folder:
+        folder.mkdir(parents=True, exist_ok=True)
+    row = {"backend": backend, "precision": precision, "path": str(path)}
+    report_file = folder / "export_report.json"
+    if path.exists():
+        row.update(status="ok", kept=True)
+        earlier = json.loads(report_file.read_text()) if report_file.is_file() else {}
+        row.update({k: earlier[k] for k in ("parity", "seconds") if earlier.get(k)})
+        return row
+    print(f"-- export {name} {backend} {precision}", flush=True)
+    try:
+        # the bench stage measures memory in its own fresh processes: skip the export's probes
+        cfg = ExportConfig.from_spec(precision, max_context=max_context, max_ppl_ratio=max_ppl_ratio,
+                                     gate_text=texts.get("gate_text"))
+        if cfg.precision in (Precision.INT4, Precision.INT8DA4W) and weight_method != "rtn":
+            cfg = ExportConfig.from_spec(precision, max_context=max_context, max_ppl_ratio=max_ppl_ratio,
+                                         gate_text=cfg.gate_text, weight_method=weight_method,
+                                         calibration=texts.get("calibration"))
+        report = get_backend(backend).export(model_dir, path, cfg, measure=False)
+        write_atomic(report_file, json.dumps(report, indent=1, default=str))
+        row["status"] = "ok"
+        row.update({k: report[k] for k in ("parity", "seconds") if report.get(k)})
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        row.update(status="failed", error=str(e).splitlines()[0][:300])
+        if getattr(e, "report", None):  # a gate's refusal: what it measured
+            row["parity"] = e.report.get("parity")
+        print(f"   failed {name} {backend} {precision}: {row['error']}", flush=True)
+    else:
+        print(f"   done {name} {backend} {precision}", flush=True)
+    return row

@@ -96,7 +96,7 @@ def test_failed_export_is_recorded_and_the_run_goes_on(tmp_path, source, monkeyp
     import export.registry as registry
 
     monkeypatch.setitem(registry._BACKENDS.entries, "onnx", replace(onnx.BACKEND, export=lambda *a, **k: broken()))
-    summary = pipeline.run(config(tmp_path, source))
+    summary = pipeline.run(config(tmp_path, source, export_workers=1))  # the patch lives in this process
     row = summary["exports"]["folded"][0]
     assert row["status"] == "failed" and "unsupported op" in row["error"]
 
@@ -106,7 +106,8 @@ def test_bad_settings_fail_before_the_run_folder_is_made(tmp_path, source):
 
     for bad, match in ((dict(fold={"removal_rate": 1.5}), "removal_rate"), (dict(heal={"max_minutes": -1}), "max_minutes must be positive"),
                        (dict(exports=(("onnx", "8da4w"),)), "onnx backend exports"), (dict(quality_tokens=-1), "quality_tokens"),
-                       (dict(weight_method="awq"), "unknown weight method 'awq'"), (dict(max_ppl_ratio=0.5), "at least 1, got 0.5")):
+                       (dict(weight_method="awq"), "unknown weight method 'awq'"), (dict(max_ppl_ratio=0.5), "at least 1, got 0.5"),
+                       (dict(export_workers=0), "export_workers >= 1")):
         with pytest.raises(ValueError, match=match):
             pipeline.run(config(tmp_path, source, **bad))
         assert not (tmp_path / "run").exists()
@@ -160,6 +161,23 @@ def test_a_new_export_backend_is_one_registration(tmp_path, monkeypatch):
     assert rows == [{"backend": "dummy", "precision": "int8", "path": str(folder / "m.bin"), "status": "ok"}]
     assert written == [folder / "m.bin"] and (folder / "m.bin").read_text().startswith("int8 of")
     assert json.loads((folder / "export_report.json").read_text()) == {"precision": "int8"}
+
+
+def test_exports_in_worker_processes_keep_their_order_and_failures(tmp_path, source):
+    """Two workers: each export runs in its own process, the rows come back in the order asked
+    (not the order finished), a failure is one row, and a rerun keeps what exists."""
+    from foldgpt.pipeline import export_all, exports_section
+
+    models = {"missing": tmp_path / "no-model", "folded": source}
+    rows = export_all(models, (("onnx", "fp32"),), tmp_path / "exports", 64, workers=2)
+    assert list(rows) == ["missing", "folded"]
+    (missing,), (made,) = rows["missing"], rows["folded"]
+    assert missing["status"] == "failed" and "no-model" in missing["error"]
+    assert made["status"] == "ok" and made["parity"]["passed"] and (tmp_path / "exports" / "folded-onnx-fp32").is_dir()
+    assert json.loads((tmp_path / "exports" / "folded-onnx-fp32" / "export_report.json").read_text())["seconds"] == made["seconds"]
+    assert "ran 2 at a time" in exports_section(rows, workers=2) and "at a time" not in exports_section(rows)
+    again = export_all(models, (("onnx", "fp32"),), tmp_path / "exports", 64, workers=2)["folded"][0]
+    assert again["kept"] and again["seconds"] == made["seconds"]
 
 
 def test_timing_section_splits_compress_into_its_stages():
