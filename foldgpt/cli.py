@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 calib=replace(d.calib, source=args.data), heal_data=replace(d.heal_data, source=args.data),
                 exports=parse_exports(args.exports) if args.exports else d.exports,
                 weight_method=args.weight_method, max_ppl_ratio=args.max_ppl_ratio, export_workers=args.export_workers,
-                bench=not args.no_bench, profile=args.profile, overwrite=args.overwrite))
+                cache_dense_exports=not args.no_export_cache, bench=not args.no_bench, profile=args.profile, overwrite=args.overwrite))
     return 0
 
 
@@ -399,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the exports' gate: refuse one above this perplexity ratio to fp32 on held-out self text")
     p.add_argument("--export-workers", type=int, default=2,
                    help="exports run at once, each in its own process (tracing and lowering use one core each)")
+    p.add_argument("--no-export-cache", action="store_true",
+                   help="export the dense model again rather than copy this machine's earlier export of it")
     p.add_argument("--no-bench", action="store_true", help="stop after the exports")
     _overwrite_arg(p)
     p.set_defaults(func=cmd_run)

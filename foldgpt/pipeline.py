@@ -5,7 +5,8 @@
                  local healing, a short end-to-end heal), then its
                  perplexity beside dense on held-out self text       OUT/quality.json
     3. export    ONNX and ExecuTorch, dense and folded, each        OUT/exports/<model>-<backend>-<precision>
-                 behind its parity gate, two at a time
+                 behind its parity gate, two at a time; the dense
+                 model's are kept per machine (export.cache)
     4. bench     latency and memory under the default phone          OUT/bench (bench.json, report.md, plots)
                  profile, dense beside folded on the same runtime
 
@@ -97,6 +98,8 @@ class RunConfig:
     # exports at once, each in its own process: tracing and lowering are single-threaded Python,
     # so two of them share 2 cores with little loss (export_all)
     export_workers: int = 2
+    # the dense model's exports are kept per machine (export.cache): it does not change between runs
+    cache_dense_exports: bool = True
     max_context: int = 1152  # static KV cache of the ExecuTorch programs: 1024-token prompts + 128 decoded
     bench: bool = True
     profile: str | None = None  # default: runtime_tests' default profile
@@ -162,7 +165,8 @@ def run(cfg: RunConfig) -> dict:
     t = _stage("3/4 export", ", ".join(f"{b} {p}" for b, p in cfg.exports))
     texts = gate_and_calibration_texts(dense_dir, out, cfg)
     exports = export_all({"dense": dense_dir, "folded": folded_dir}, cfg.exports, out / "exports", cfg.max_context,
-                         texts, cfg.weight_method, cfg.max_ppl_ratio, workers=cfg.export_workers)
+                         texts, cfg.weight_method, cfg.max_ppl_ratio, workers=cfg.export_workers,
+                         cached=("dense",) if cfg.cache_dense_exports else ())
     _took(timings, "export_s", t, earlier if all(e.get("kept") for rows in exports.values() for e in rows) else {}, kept)
 
     bench_result = None
@@ -252,7 +256,8 @@ def exports_section(exports: dict[str, list[dict]], workers: int = 1) -> str:
             gate = (r.get("parity") or {}).get("reason", "-")
             secs = r.get("seconds") or {}
             took = ", ".join(f"{k} {v:g}" for k, v in secs.items()) if secs else "-"
-            lines.append(f"| {name} | {r['backend']} | {r['precision']} | {r['status']} | {gate} | {took} |")
+            status = r["status"] + (", from an earlier run" if r.get("from_cache") else "")
+            lines.append(f"| {name} | {r['backend']} | {r['precision']} | {status} | {gate} | {took} |")
     return "\n".join(lines) + "\n"
 
 
@@ -330,7 +335,8 @@ def gate_and_calibration_texts(dense_dir: Path, out: Path, cfg: RunConfig, token
 
 def export_all(models: dict[str, Path], exports: tuple[tuple[str, str], ...], root: Path, max_context: int,
                texts: dict[str, str] | None = None, weight_method: str = "rtn",
-               max_ppl_ratio: float | None = None, workers: int = 1) -> dict[str, list[dict]]:
+               max_ppl_ratio: float | None = None, workers: int = 1,
+               cached: tuple[str, ...] = ()) -> dict[str, list[dict]]:
     """Every (model, backend, precision) export into root/NAME-BACKEND-PRECISION; an existing
     artifact is kept, a failure (e.g. a fold no exporter stores, or a gate's refusal) recorded in
     one line. `texts`: the gate's text and gptq's calibration file (gate_and_calibration_texts).
@@ -338,10 +344,12 @@ def export_all(models: dict[str, Path], exports: tuple[tuple[str, str], ...], ro
     `workers` > 1 runs the exports in that many fresh processes, longest first. Tracing and
     lowering are single-threaded Python (torch.export, ExecuTorch's passes), so on a 2-core
     machine two exports at once take about the time of one; only a gate's few seconds of
-    inference share the cores. The rows come back in the order of `models` and `exports`."""
+    inference share the cores. The rows come back in the order of `models` and `exports`.
+    The models named in `cached` are exported once per machine (`export.cache`): a later run
+    copies the kept export in (its row says `from_cache`)."""
     root.mkdir(parents=True, exist_ok=True)
-    jobs = [(name, Path(model_dir), backend, precision, root, max_context, texts or {}, weight_method, max_ppl_ratio)
-            for name, model_dir in models.items() for backend, precision in exports]
+    jobs = [(name, Path(model_dir), backend, precision, root, max_context, texts or {}, weight_method, max_ppl_ratio,
+             name in cached) for name, model_dir in models.items() for backend, precision in exports]
     if workers > 1 and sum(not _kept(job) for job in jobs) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -384,8 +392,10 @@ def _cost(job: tuple) -> int:
 
 
 def export_one(name: str, model_dir: Path, backend: str, precision: str, root: Path, max_context: int,
-               texts: dict[str, str], weight_method: str = "rtn", max_ppl_ratio: float | None = None) -> dict:
+               texts: dict[str, str], weight_method: str = "rtn", max_ppl_ratio: float | None = None,
+               cache: bool = False) -> dict:
     """One export of `export_all` (a plain function, so a worker process can run it): its row."""
+    from export import cache as kept
     from export.registry import ExportConfig, Precision, get_backend
 
     folder = _folder(root, name, backend, precision)
@@ -399,7 +409,6 @@ def export_one(name: str, model_dir: Path, backend: str, precision: str, root: P
         earlier = json.loads(report_file.read_text()) if report_file.is_file() else {}
         row.update({k: earlier[k] for k in ("parity", "seconds") if earlier.get(k)})
         return row
-    print(f"-- export {name} {backend} {precision}", flush=True)
     try:
         # the bench stage measures memory in its own fresh processes: skip the export's probes
         cfg = ExportConfig.from_spec(precision, max_context=max_context, max_ppl_ratio=max_ppl_ratio,
@@ -408,10 +417,22 @@ def export_one(name: str, model_dir: Path, backend: str, precision: str, root: P
             cfg = ExportConfig.from_spec(precision, max_context=max_context, max_ppl_ratio=max_ppl_ratio,
                                          gate_text=cfg.gate_text, weight_method=weight_method,
                                          calibration=texts.get("calibration"))
+        key = None
+        if cache:
+            settings = {k: v for k, v in asdict(cfg).items() if k not in ("gate_text", "calibration")}
+            key = kept.export_key(model_dir, backend, settings, {"gate_text": cfg.gate_text, "calibration": cfg.calibration})
+            if kept.restore(key, folder):
+                report = json.loads(report_file.read_text())
+                row.update(status="ok", from_cache=True, **{k: report[k] for k in ("parity", "seconds") if report.get(k)})
+                print(f"-- export {name} {backend} {precision}: kept from an earlier run ({kept.cache_root() / key})", flush=True)
+                return row
+        print(f"-- export {name} {backend} {precision}", flush=True)
         report = get_backend(backend).export(model_dir, path, cfg, measure=False)
         write_atomic(report_file, json.dumps(report, indent=1, default=str))
         row["status"] = "ok"
         row.update({k: report[k] for k in ("parity", "seconds") if report.get(k)})
+        if key:
+            kept.store(key, folder)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         row.update(status="failed", error=str(e).splitlines()[0][:300])
         if getattr(e, "report", None):  # a gate's refusal: what it measured

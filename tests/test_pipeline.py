@@ -20,6 +20,12 @@ def text(tmp_path, monkeypatch):
     return file
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Exports kept per machine (export.cache) go under this test's folder, never the user's cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def source(tmp_path, text):
     return save_folded(tiny_model(layers=6, hidden=64, vocab=99), tmp_path / "src", tiny_tokenizer())
@@ -178,6 +184,40 @@ def test_exports_in_worker_processes_keep_their_order_and_failures(tmp_path, sou
     assert "ran 2 at a time" in exports_section(rows, workers=2) and "at a time" not in exports_section(rows)
     again = export_all(models, (("onnx", "fp32"),), tmp_path / "exports", 64, workers=2)["folded"][0]
     assert again["kept"] and again["seconds"] == made["seconds"]
+
+
+def test_an_unchanged_model_is_exported_once_per_machine(tmp_path, source, monkeypatch):
+    """A model named in `cached` is exported once: a second run copies that export in (same bytes,
+    same report, the backend not called); other gate text is another export; a model not named
+    is exported every time and not kept."""
+    import export.registry as registry
+    from pathlib import Path
+
+    from export.cache import cache_root
+    from export.registry import Precision, register_backend
+    from foldgpt.pipeline import export_all, exports_section
+
+    monkeypatch.setattr(registry._BACKENDS, "entries", dict(registry._BACKENDS.entries))
+    calls = []
+
+    def export(model_dir, out, cfg, measure=True):
+        calls.append(out)
+        out.write_text(f"{len(calls)}: {cfg.precision.value} gated on {Path(cfg.gate_text).read_text()}")
+        return {"seconds": {"lower": 1.5}}
+
+    register_backend("dummy", export=export, generate=lambda *a, **k: [], precisions=(Precision.INT8,), artifact="m.bin")
+    gate = tmp_path / "gate.txt"
+    gate.write_text("held out")
+    run = lambda out, **kw: export_all({"dense": source}, (("dummy", "int8"),), tmp_path / out, 64,  # noqa: E731
+                                       {"gate_text": str(gate)}, **kw)["dense"][0]
+    first, second = run("a", cached=("dense",)), run("b", cached=("dense",))
+    assert len(calls) == 1 and "from_cache" not in first and second["from_cache"]
+    assert (tmp_path / "b" / "dense-dummy-int8" / "m.bin").read_text() == "1: int8 gated on held out"
+    assert second["seconds"] == {"lower": 1.5} and len(list(cache_root().iterdir())) == 1
+    assert "| dense | dummy | int8 | ok, from an earlier run |" in exports_section({"dense": [second]})
+    gate.write_text("another text")
+    assert "from_cache" not in run("c", cached=("dense",)) and len(calls) == 2
+    assert "from_cache" not in run("d") and len(calls) == 3 and len(list(cache_root().iterdir())) == 2
 
 
 def test_timing_section_splits_compress_into_its_stages():
